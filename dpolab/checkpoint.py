@@ -1,0 +1,78 @@
+"""Resumable checkpoints: ``checkpoints/step-N/`` holds weights (safetensors), optimizer and scheduler
+state, RNG states and the step. The data position follows from the step (the order of every epoch is a
+seeded permutation), so resuming replays exactly the batches an uninterrupted run would see.
+
+A checkpoint is written into a temporary folder and renamed into place; ``state.json`` is written last,
+so a folder without it is incomplete and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from dpolab.errors import DpolabError
+
+STEP = re.compile(r"^step-(\d+)$")
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, keep: int) -> Path:
+    """Write ``root/step-{step}`` atomically and keep only the newest ``keep`` checkpoints."""
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_file(_rng_state(), str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DpolabError(f"could not write checkpoint {final}: {e.strerror or e}. The previous checkpoints "
+                          "are intact; free space and resume with --resume.") from None
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP.match(p.name)) and (p / "state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> int:
+    """Restore everything saved by :func:`save_checkpoint`; return the step it was taken at."""
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(load_file(str(path / "rng.safetensors")))
+    return json.loads((path / "state.json").read_text())["step"]

@@ -1,0 +1,237 @@
+"""One flat, typed config. Each field's ``help`` is its docstring: it gives the flag, the YAML key and the
+``--help`` text. Unknown keys and invalid values are refused here, before any model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpolab.errors import ConfigError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # --- what to train
+    model: str | None = opt(None, "Policy to train: a Hugging Face model folder or hub name. "
+                                  "Unset: the bundled tiny model (the embedded default).")
+    ref_model: str | None = opt(None, "Frozen reference model. Unset: a frozen copy of the initial policy.")
+    data: str | None = opt(None, "Preference data: a .jsonl/.json/.csv/.parquet file, a saved dataset folder, "
+                                 "or a hub dataset name (name or name:split). Unset: the bundled dataset.")
+    eval_data: str | None = opt(None, "Held-out preference data, in any form --data takes.")
+    eval_split: float = opt(0.05, "Fraction of --data held out for evaluation when --eval-data is unset; "
+                                  "0 turns it off.")
+    output_dir: str = opt("runs/dpolab", "Where the run writes config, metrics, checkpoints, final model, plots.")
+    task: str | None = opt(None, "A task (built-in name or module:function) whose reward scores sampled "
+                                 "answers before and after training.")
+    # --- the objective
+    loss: str = opt("sigmoid", "Loss name, or comma-separated names combined with --loss-weights "
+                               "(see docs/losses.md).")
+    loss_weights: list[float] | None = opt(None, "Comma-separated weights, one per --loss name (default all 1).")
+    beta: float | None = opt(None, "β: strength of the KL anchor to the reference (the reward temperature); "
+                                   "default 0.1, or the loss's own (SimPO: 2.0).")
+    label_smoothing: float = opt(0.0, "ε: assumed label-noise rate (cDPO, robust DPO); 0 ≤ ε < 0.5.")
+    reference_free: bool = opt(False, "Use ref log-probs of 0 with a reference loss: no reference model.")
+    # --- optimisation
+    learning_rate: float = opt(1e-6, "Peak learning rate of AdamW.")
+    lr_scheduler: str = opt("cosine", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps spent in linear warm-up.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient's global norm to this; 0 turns clipping off.")
+    batch_size: int = opt(8, "Preference examples per optimizer step over all processes (global).")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step on each process; divides --batch-size.")
+    epochs: float = opt(1.0, "Passes over the training data (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Optimizer steps to run; overrides --epochs.")
+    seed: int = opt(42, "Seed for initialisation order, data order, the held-out split and sampling.")
+    # --- tokenisation
+    max_length: int = opt(512, "Longest prompt + completion in tokens; completions are cut from the right.")
+    max_prompt_length: int = opt(256, "Longest prompt in tokens; prompts are cut from the left.")
+    skip_invalid: bool = opt(False, "Drop and count invalid rows instead of stopping at the first one.")
+    # --- reference, memory, precision
+    precompute_ref: bool = opt(False, "Compute reference log-probs once, cache them on disk, and train "
+                                      "with no reference model in memory.")
+    ref_cache_dir: str | None = opt(None, "Where precomputed reference log-probs are cached "
+                                          "(default: OUTPUT_DIR/ref_cache).")
+    bf16: bool = opt(False, "bfloat16 autocast for forward and backward (weights and optimizer stay fp32).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    logits_chunk: int = opt(1024, "Completion tokens per chunk when turning hidden states into log-probs.")
+    trust_remote_code: bool = opt(False, "Allow model code from the model folder or hub (off: safer).")
+    # --- adapters (LoRA through PEFT); 0 = full fine-tuning
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.")
+    lora_alpha: float = opt(16.0, "LoRA scaling α.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.")
+    lora_target_modules: str = opt("all-linear", "Comma-separated module names, or all-linear.")
+    # --- run control
+    eval_every: int = opt(0, "Evaluate every N optimizer steps (0: only before and after training).")
+    save_every: int = opt(500, "Save a resumable checkpoint every N optimizer steps (0: never).")
+    save_total_limit: int = opt(2, "Keep only the newest N checkpoints.")
+    log_every: int = opt(1, "Write metrics every N optimizer steps.")
+    resume: bool = opt(False, "Continue from the newest complete checkpoint in --output-dir.")
+    overwrite: bool = opt(False, "Replace an existing non-empty --output-dir.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+    # ------------------------------------------------------------------
+    def validate(self) -> "Config":
+        """Refuse impossible values and combinations with the reason, before any heavy work."""
+        from dpolab.losses import LOSSES
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        for name, f in _fields().items():
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        names = self.loss_names
+        for n in names:
+            need(n in LOSSES, f"loss: unknown loss {n!r}; known: {', '.join(sorted(LOSSES))}")
+        if self.loss_weights is not None:
+            need(len(self.loss_weights) == len(names),
+                 f"loss_weights has {len(self.loss_weights)} values for {len(names)} losses ({self.loss})")
+        if self.beta is None:
+            self.beta = LOSSES[names[0]].default_beta or 0.1
+        need(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        need(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be ≥ 1")
+        need(self.batch_size % self.grad_accum == 0,
+             f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1, got {self.max_steps}")
+        need(0 <= self.eval_split < 1, f"eval_split must be in [0, 1), got {self.eval_split}")
+        need(self.max_prompt_length >= 1 and self.max_length > self.max_prompt_length,
+             f"max_length ({self.max_length}) must exceed max_prompt_length ({self.max_prompt_length}) ≥ 1")
+        need(self.logits_chunk >= 1, "logits_chunk must be ≥ 1")
+        need(min(self.eval_every, self.save_every, self.lora_r) >= 0, "eval_every, save_every, lora_r ≥ 0")
+        need(self.save_total_limit >= 1 and self.log_every >= 1, "save_total_limit and log_every must be ≥ 1")
+        need(not (self.resume and self.overwrite), "resume and overwrite contradict each other: pick one")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        uses_ref = any(LOSSES[n].needs_ref for n in names) and not self.reference_free
+        need(uses_ref or self.ref_model is None,
+             f"--ref-model was given but {'reference_free' if self.reference_free else self.loss} uses no "
+             "reference model")
+        need(uses_ref or not self.precompute_ref, "precompute_ref needs a loss that uses a reference model")
+        need(len({LOSSES[n].data for n in names}) == 1, f"losses {self.loss} need different kinds of data")
+        return self
+
+    @property
+    def loss_names(self) -> list[str]:
+        return [n.strip() for n in self.loss.split(",") if n.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a config field: int, float, str, bool or list[float]."""
+    hint = typing.get_type_hints(Config)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if optional else hint
+    return base, optional
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """Check (and, from strings, parse) one value for field ``name``; ``where`` names its source."""
+    base, optional = field_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {name} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(base) is list:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise ValueError
+            return [float(v) for v in items]
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{where}: {name} expects {_type_name(base)}, got {value!r}")
+
+
+def _type_name(base: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        base, "comma-separated numbers")
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults < YAML file < overrides (flags or keyword arguments); unknown keys are errors."""
+    values: dict[str, Any] = {}
+    fields = _fields()
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f", line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+        for key, value in raw.items():
+            key = str(key).replace("-", "_")
+            if key not in fields:
+                raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key)}")
+            values[key] = coerce(key, value, path)
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise ConfigError(f"unknown setting {key!r}{_suggest(key)}")
+        values[key] = coerce(key, value, "argument")
+    if values.get("model") is None and values.get("data") is None:
+        _add_embedded_recipe(values)
+    return Config(**values).validate()
+
+
+def _add_embedded_recipe(values: dict[str, Any]) -> None:
+    """With no model and no data, the embedded default runs with its own recipe beneath the user's keys."""
+    from dpolab import embedded
+
+    if embedded.RECIPE.is_file():
+        for key, value in (yaml.safe_load(embedded.RECIPE.read_text()) or {}).items():
+            values.setdefault(key, coerce(key, value, str(embedded.RECIPE)))
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(_fields()), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

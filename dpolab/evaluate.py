@@ -1,0 +1,103 @@
+"""Evaluation: the SPEC §3 metrics over a dataset, and the implicit reward of one answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dpolab import metrics as M
+from dpolab.batch import collate
+from dpolab.errors import DpolabError
+from dpolab.objective import Objective
+from dpolab.tokenization import Example, Tokenizer
+
+log = logging.getLogger("dpolab")
+
+
+@torch.no_grad()
+def evaluate_examples(policy, reference, objective: Objective, examples: list[Example], batch_size: int,
+                      accelerator, pad_id: int, prefix: str = "eval/") -> dict[str, float]:
+    """Mean metrics over every example; process r takes examples r, r + N, ... and the sums are reduced."""
+    was_training = policy.training
+    policy.eval()
+    mine = examples[accelerator.process_index:: accelerator.num_processes]
+    total = None
+    for i in range(0, len(mine), batch_size):
+        batch = collate(mine[i: i + batch_size], pad_id).to(accelerator.device)
+        out = objective(policy(**batch.model_inputs()), reference(batch), batch)
+        total = M.add(total, M.example_sums(out))
+    if total is None:  # this process got no examples; it still joins the reduction
+        total = M.zeros()
+    total = {k: accelerator.reduce(v.to(accelerator.device), "sum") for k, v in total.items()}
+    policy.train(was_training)
+    return M.means(total, prefix)
+
+
+def default_reference(model: str) -> str | None:
+    """The reference a dpolab ``final/`` folder was trained against, if it says."""
+    meta = Path(model) / "dpolab.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("reference")
+    return None
+
+
+def evaluate(model: str, data: str, ref_model: str | None = None, loss: str = "sigmoid", beta: float | None = None,
+             batch_size: int = 8, **settings) -> dict[str, float]:
+    """Mean metrics of ``model`` against ``ref_model`` on every row of ``data`` (SPEC §3, ``eval/`` names).
+
+    Without ``ref_model``: the reference recorded in a dpolab ``final/`` folder, else the model itself.
+    ``settings`` are further config fields (``max_length``, ``label_smoothing``, ...).
+    """
+    from dpolab.config import load_config
+    from dpolab.reference import ModelReference, NoReference
+    from dpolab.setup import build_objective_for, check_data, load_model, load_tokenizer, make_accelerator
+    from dpolab.data import load_records
+    from dpolab.logps import SequenceLogps
+    from dpolab.tokenization import tokenize_records
+
+    config = load_config(overrides=dict(settings, model=model, data=data, loss=loss, beta=beta,
+                                        batch_size=batch_size, ref_model=ref_model))
+    objective = build_objective_for(config)
+    accelerator = make_accelerator(config)
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    records = load_records(data, config.skip_invalid)
+    check_data(config, records)
+    examples = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length)
+    if objective.needs_ref and not config.reference_free:
+        ref_name = ref_model or default_reference(model)
+        if ref_name is None:
+            log.warning("no --ref-model and no recorded reference: the model is its own reference (rewards 0)")
+            ref_name = model
+        reference = ModelReference(load_model(ref_name, config.trust_remote_code).to(accelerator.device),
+                                   config.logits_chunk, accelerator.autocast)
+    else:
+        reference = NoReference()
+    policy = SequenceLogps(load_model(model, config.trust_remote_code), config.logits_chunk)
+    policy = accelerator.prepare(policy)
+    return evaluate_examples(policy, reference, objective, examples, config.batch_size, accelerator,
+                             tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def score(model: str, prompt, response, ref_model: str | None = None, beta: float = 0.1,
+          trust_remote_code: bool = False) -> dict[str, float]:
+    """The implicit reward β·(log π(y|x) − log π_ref(y|x)) of ``response`` to ``prompt``, tokenised as in
+    training (plain text, or message lists with the chat template). Returns the reward and both log-probs."""
+    from dpolab.data import Record
+    from dpolab.logps import SequenceLogps
+    from dpolab.setup import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    record = Record("score", "unpaired", prompt, [response], isinstance(prompt, list))
+    example = Tokenizer(tokenizer, 1 << 30, 1 << 30)(record, 0)
+    batch = collate([example], tokenizer.pad_token_id)
+    ref_name = ref_model or default_reference(model)
+    if ref_name is None:
+        raise DpolabError("score needs --ref-model (the reference the implicit reward is measured against)")
+    logp = SequenceLogps(load_model(model, trust_remote_code))(**batch.model_inputs()).item()
+    ref_logp = SequenceLogps(load_model(ref_name, trust_remote_code))(**batch.model_inputs()).item()
+    return {"reward": beta * (logp - ref_logp), "logp": logp, "ref_logp": ref_logp,
+            "tokens": int(batch.lengths[0])}

@@ -1,0 +1,84 @@
+"""The metrics of SPEC §3, under the field's names, and where they are written.
+
+Per micro-batch we keep *sums* over examples; sums add across micro-batches and processes exactly, and
+one division at the end gives the mean over every example of the step (or of the evaluation set).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dpolab.objective import Output
+
+Tensor = torch.Tensor
+
+
+def example_sums(out: Output) -> dict[str, Tensor]:
+    """Per-batch sums of the per-example quantities (all detached)."""
+    margins = out.chosen_rewards - out.rejected_rewards
+    return {
+        "loss": out.losses.detach().sum(),
+        "rewards/chosen": out.chosen_rewards.sum(),
+        "rewards/rejected": out.rejected_rewards.sum(),
+        "rewards/margins": margins.sum(),
+        "rewards/accuracies": (margins > 0).float().sum(),  # strict: ties count as wrong
+        "logps/chosen": out.chosen_logps.sum(),
+        "logps/rejected": out.rejected_logps.sum(),
+        "count": torch.tensor(float(out.losses.numel()), device=out.losses.device),
+    }
+
+
+KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+        "logps/rejected", "count")
+
+
+def zeros() -> dict[str, Tensor]:
+    return {k: torch.zeros((), dtype=torch.float64) for k in KEYS}
+
+
+def add(total: dict[str, Tensor] | None, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    if total is None:
+        return {k: v.detach().double() for k, v in sums.items()}
+    return {k: total[k] + sums[k].double() for k in total}
+
+
+def means(total: dict[str, Tensor], prefix: str = "") -> dict[str, float]:
+    n = total["count"].item()
+    return {prefix + k: v.item() / n for k, v in total.items() if k != "count"}
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl``, mirrored to TensorBoard."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # TensorBoard is optional at run time
+                self.writer = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

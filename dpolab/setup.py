@@ -1,0 +1,135 @@
+"""Setup helpers shared by training, evaluation and scoring: models, tokenizers, data, objective and
+reference strategy, each built once from plain arguments."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from dpolab.config import Config
+from dpolab.data import load_records, split_records
+from dpolab.errors import ConfigError, DpolabError
+from dpolab.objective import Objective, build_objective
+from dpolab.reference import (CachedReference, ModelReference, NoReference, cache_key, compute_table,
+                              load_or_compute, model_fingerprint)
+from dpolab.tokenization import Example, tokenize_records
+
+log = logging.getLogger("dpolab")
+
+
+def resolve_defaults(config: Config) -> Config:
+    """Fill the embedded default's model and data where the user gave none."""
+    from dpolab import embedded
+
+    if config.model is None:
+        config.model = str(embedded.MODEL)
+    if config.data is None:
+        config.data = str(embedded.TRAIN)
+        if config.eval_data is None:
+            config.eval_data = str(embedded.EVAL)
+    return config
+
+
+def make_accelerator(config: Config):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16" if config.bf16 else "no")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DpolabError(f"cannot load the tokenizer of {name}: {first_line(e)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out; any id serves
+    return tok
+
+
+def load_model(name: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        msg = first_line(e)
+        if "safetensors" in msg or ".bin" in msg:
+            msg += (" — dpolab loads weights from safetensors only, because pickle files can run code; "
+                    "convert the checkpoint with save_pretrained(safe_serialization=True)")
+        raise DpolabError(f"cannot load the model {name}: {msg}") from None
+    model.config.use_cache = False
+    return model
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def build_objective_for(config: Config) -> Objective:
+    return build_objective(config.loss_names, config.loss_weights, config.beta, vars(config))
+
+
+def load_examples(config: Config, tokenizer) -> tuple[list[Example], list[Example]]:
+    """Read, validate, split and tokenise the training and held-out data."""
+    records = load_records(config.data, config.skip_invalid)
+    if config.eval_data:
+        eval_records = load_records(config.eval_data, config.skip_invalid)
+    else:
+        records, eval_records = split_records(records, config.eval_split, config.seed)
+    check_data(config, records)
+    tok = dict(tokenizer=tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    train = tokenize_records(records, **tok)
+    held = tokenize_records(eval_records, **tok) if eval_records else []
+    log.info("data: %d training and %d held-out examples", len(train), len(held))
+    return train, held
+
+
+def check_data(config: Config, records) -> None:
+    """The data must be of the kind and carry the columns the losses declare."""
+    objective = build_objective_for(config)
+    kind = records[0].kind
+    fits = kind == objective.data or (objective.data == "ranked" and kind == "paired")
+    if not fits:
+        raise ConfigError(f"loss {config.loss} needs {objective.data} data, but {config.data} holds {kind} rows")
+    if "margin" in objective.columns and any(r.margin is None for r in records):
+        bad = next(r for r in records if r.margin is None)
+        raise ConfigError(f"{bad.where}: loss {config.loss} needs a 'margin' (or score_chosen and score_rejected) "
+                          "column in every row")
+
+
+def build_reference(config: Config, objective: Objective, model, train_examples: list[Example],
+                    eval_examples: list[Example], accelerator, pad_id: int):
+    """(training reference, evaluation reference) by the strategy the config selects (SPEC §5)."""
+    if not objective.needs_ref or config.reference_free:
+        return NoReference(), NoReference()
+    ref_name = config.ref_model or config.model
+    ref_model = load_model(config.ref_model, config.trust_remote_code) if config.ref_model else copy.deepcopy(model)
+    reference = ModelReference(ref_model.to(accelerator.device), config.logits_chunk, accelerator.autocast)
+    if not config.precompute_ref:
+        return reference, reference
+    cache_dir = Path(config.ref_cache_dir or Path(config.output_dir) / "ref_cache")
+    identity = model_fingerprint(ref_name)
+    settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "bf16": config.bf16}
+    tables = []
+    for examples in (train_examples, eval_examples):
+        if not examples:
+            tables.append(None)
+            continue
+        key = cache_key(identity, examples, settings)
+        compute = lambda ex=examples: compute_table(reference, ex, pad_id, config.batch_size, accelerator.device,
+                                                    config.progress and accelerator.is_main_process)
+        if accelerator.is_main_process:
+            tables.append(load_or_compute(cache_dir, key, compute))
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            tables.append(load_or_compute(cache_dir, key, compute))
+    del reference, ref_model  # train with no reference model in memory
+    return CachedReference(tables[0]), CachedReference(tables[1]) if tables[1] is not None else None

@@ -1,0 +1,122 @@
+"""Tokenisation, the same for every loss (SPEC §4).
+
+1. The prompt is rendered alone (chat template with the generation prompt, or plain text) and tokenised
+   with the tokenizer's special tokens: exactly the tokens the model sees at inference.
+2. A completion is the text that follows the rendered prompt in the rendered prompt + completion; it is
+   tokenised on its own with no special tokens. An unstable chat template (rendered prompt not a prefix)
+   falls back to the longest common token prefix, with one warning naming the row.
+3. Plain-text completions end with EOS, added once.
+4. The prompt is cut from the left to ``max_prompt_length``; completions from the right so that prompt +
+   completion ≤ ``max_length``. All completions of a row share the prompt tokens. A row left with an empty
+   completion is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dpolab.data import Record
+from dpolab.errors import DataError
+
+log = logging.getLogger("dpolab")
+
+
+@dataclass
+class Example:
+    """A tokenised row: shared prompt tokens and K completions (chosen first)."""
+
+    index: int  # position in its dataset; keys the precomputed reference log-probs
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    label: bool | None = None
+    margin: float | None = None
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+class Tokenizer:
+    """Turns :class:`Record` rows into :class:`Example` token ids by the rules above."""
+
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int):
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        # Special tokens the tokenizer puts after a text (some add EOS); a prompt must not end with them.
+        empty = _ids(tokenizer, "", True)
+        self._suffix = [t for t in empty if t == tokenizer.eos_token_id][-1:]
+        self._warned_unstable = False
+
+    def render_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list):
+            return _ids(self.tok, self._chat(prompt, generation_prompt=True), False)
+        ids = _ids(self.tok, prompt, True)
+        if self._suffix and ids[-1:] == self._suffix:
+            ids = ids[:-1]
+        return ids
+
+    def _chat(self, messages: list[dict], generation_prompt: bool) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            raise DataError("conversational rows need a tokenizer with a chat template, and this one has none; "
+                            "give plain-text rows or a model whose tokenizer has a chat_template")
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def completion(self, prompt, completion, prompt_ids: list[int], where: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids) for one completion; the prompt ids change only on the fallback."""
+        if not isinstance(prompt, list):
+            ids = _ids(self.tok, completion, False)
+            if not ids or ids[-1] != self.tok.eos_token_id:
+                ids.append(self.tok.eos_token_id)
+            return prompt_ids, ids
+        rendered_prompt = self._chat(prompt, generation_prompt=True)
+        rendered = self._chat(prompt + completion, generation_prompt=False)
+        if rendered.startswith(rendered_prompt):
+            return prompt_ids, _ids(self.tok, rendered[len(rendered_prompt):], False)
+        if not self._warned_unstable:
+            log.warning("%s: the chat template renders the prompt differently inside the conversation; "
+                        "splitting at the longest common token prefix instead", where)
+            self._warned_unstable = True
+        whole = _ids(self.tok, rendered, False)
+        n = 0
+        while n < min(len(whole), len(prompt_ids)) and whole[n] == prompt_ids[n]:
+            n += 1
+        return prompt_ids[:n], whole[n:]
+
+    def __call__(self, record: Record, index: int) -> Example | None:
+        """The tokenised example, or None when truncation leaves a completion empty."""
+        prompt_ids = self.render_prompt(record.prompt)
+        completions = []
+        for c in record.completions:
+            prompt_ids, ids = self.completion(record.prompt, c, prompt_ids, record.where)
+            completions.append(ids)
+        prompt_ids = prompt_ids[-self.max_prompt_length:]  # (left truncation)
+        room = self.max_length - len(prompt_ids)
+        completions = [ids[:room] for ids in completions]
+        if room <= 0 or any(not ids for ids in completions):
+            return None
+        return Example(index, prompt_ids, completions, record.label, record.margin)
+
+
+def tokenize_records(records: list[Record], tokenizer, max_length: int, max_prompt_length: int) -> list[Example]:
+    """Tokenise every record; drop (and count in a warning) rows left with an empty completion."""
+    tok = Tokenizer(tokenizer, max_length, max_prompt_length)
+    examples, dropped = [], 0
+    for record in records:
+        ex = tok(record, len(examples))
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    if dropped:
+        log.warning("dropped %d row(s) whose completion was empty after truncation to max_length=%d, "
+                    "max_prompt_length=%d", dropped, max_length, max_prompt_length)
+    if not examples:
+        raise DataError(f"no usable rows remain after truncation to max_length={max_length}")
+    ks = {len(e.completion_ids) for e in examples}
+    if len(ks) > 1:
+        raise DataError(f"ranked rows must all have the same number of completions; found {sorted(ks)}")
+    return examples
