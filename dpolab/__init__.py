@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 
 from dpolab.config import Config, load_config
 from dpolab.errors import ConfigError, DataError, DpolabError
-from dpolab.evaluate import evaluate, score
+from dpolab.evaluation import evaluate, score
 
 
 def train(config: Config | str | None = None, **settings) -> dict:
     """Train as the config says: a :class:`Config`, a YAML path, or nothing (the embedded default),
     with ``settings`` (config field names) on top. Returns the run's summary."""
-    from dpolab.train import train as _train
+    from dpolab.training import train as _train
 
     if isinstance(config, Config):
         config = load_config(None, {**config.to_dict(), **settings}) if settings else config.validate()

@@ -80,9 +80,10 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             continue
         where = f"{path}, line {n}"
         try:
-            yield where, json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from None
+            row = DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})")  # skippable, like any bad row
+        yield where, row
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -201,6 +202,8 @@ def _require(row: dict, keys: tuple[str, ...], where: str, kind: str) -> None:
 
 def parse_row(row: Any, where: str) -> Record:
     """Validate one row and normalise it; raise :class:`DataError` naming ``where`` and the field."""
+    if isinstance(row, DataError):  # the reader could not parse it
+        raise row
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with prompt/chosen/rejected, got {type(row).__name__}")
     margin = _number(row, "margin", where) if row.get("margin") not in (None, "") else None

@@ -54,7 +54,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 def load_model(name: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights only."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)

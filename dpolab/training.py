@@ -24,7 +24,7 @@ from dpolab.batch import Batch, collate
 from dpolab.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dpolab.config import Config
 from dpolab.errors import ConfigError
-from dpolab.evaluate import evaluate_examples
+from dpolab.evaluation import evaluate_examples
 from dpolab.logps import SequenceLogps
 from dpolab.objective import Objective
 from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
