@@ -12,7 +12,7 @@ import logging
 import sys
 
 from dpolab.config import Config, field_type
-from dpolab.errors import DpolabError
+from dpolab.errors import DpolabError, Interrupted
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 EVAL_FIELDS = ["model", "ref_model", "data", "loss", "loss_weights", "beta", "label_smoothing", "reference_free",
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return run(argv)
+    except Interrupted as e:
+        print(f"dpolab: {e}", file=sys.stderr)
+        return e.exit_code
     except DpolabError as e:
         print(f"dpolab: error: {e}", file=sys.stderr)
         return 2

@@ -77,6 +77,8 @@ class Config:
     resume: bool = opt(False, "Continue from the newest complete checkpoint in --output-dir.")
     overwrite: bool = opt(False, "Replace an existing non-empty --output-dir.")
     progress: bool = opt(True, "Show a progress bar.")
+    max_nonfinite_steps: int = opt(3, "Stop after this many steps in a row with a NaN/inf loss or gradient "
+                                      "(each is skipped, never applied); 0: never stop.")
 
     # ------------------------------------------------------------------
     def validate(self) -> "Config":
@@ -112,7 +114,8 @@ class Config:
         need(self.max_prompt_length >= 1 and self.max_length > self.max_prompt_length,
              f"max_length ({self.max_length}) must exceed max_prompt_length ({self.max_prompt_length}) ≥ 1")
         need(self.logits_chunk >= 1, "logits_chunk must be ≥ 1")
-        need(min(self.eval_every, self.save_every, self.lora_r) >= 0, "eval_every, save_every, lora_r ≥ 0")
+        need(min(self.eval_every, self.save_every, self.lora_r, self.max_nonfinite_steps) >= 0,
+             "eval_every, save_every, lora_r and max_nonfinite_steps must be ≥ 0")
         need(self.save_total_limit >= 1 and self.log_every >= 1, "save_total_limit and log_every must be ≥ 1")
         need(not (self.resume and self.overwrite), "resume and overwrite contradict each other: pick one")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")

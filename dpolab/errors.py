@@ -11,3 +11,15 @@ class ConfigError(DpolabError):
 
 class DataError(DpolabError):
     """A data file or row that cannot be used; the message names the file, the line and the field."""
+
+
+class TrainingError(DpolabError):
+    """Training cannot go on (e.g. non-finite losses in a row); the last checkpoint is intact."""
+
+
+class Interrupted(DpolabError):
+    """SIGTERM or SIGINT arrived: a checkpoint was saved and the run stopped cleanly."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

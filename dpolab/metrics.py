@@ -56,8 +56,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep))
         self.writer = None
         if tensorboard:
@@ -78,6 +77,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -23,8 +24,9 @@ from dpolab import metrics as M
 from dpolab.batch import Batch, collate
 from dpolab.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dpolab.config import Config
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, Interrupted
 from dpolab.evaluation import evaluate_examples
+from dpolab.guard import NonFiniteGuard, StopSignals
 from dpolab.logps import SequenceLogps
 from dpolab.objective import Objective
 from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
@@ -47,12 +49,14 @@ def train_step(policy, reference, objective: Objective, micro_batches: list[Batc
             accelerator.backward(out.losses.sum() / examples_per_process)
         sums = M.add(sums, M.example_sums(out) | {"num_tokens": torch.tensor(float(batch.num_tokens))})
     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     sums = {k: accelerator.reduce(v.to(accelerator.device), "sum") for k, v in sums.items()}
+    finite = math.isfinite(float(grad_norm)) and math.isfinite(sums["loss"].item())
+    if finite:  # a non-finite loss or gradient never reaches the weights
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     num_tokens = sums.pop("num_tokens").item()
-    return M.means(sums) | {"grad_norm": float(grad_norm), "num_tokens": num_tokens}
+    return M.means(sums) | {"grad_norm": float(grad_norm), "num_tokens": num_tokens, "skipped": float(not finite)}
 
 
 def step_examples(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -145,35 +149,51 @@ def train(config: Config) -> dict:
     bar = tqdm(total=total_steps, initial=start, desc="dpolab", disable=not (config.progress and
                                                                                   accelerator.is_main_process))
     examples_per_process = config.batch_size // world
+    guard = NonFiniteGuard(config.max_nonfinite_steps)
+    saved: list[str] = [str(checkpoints[-1])] if config.resume and checkpoints else []
+
+    def save(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            saved.append(str(save_checkpoint(out / "checkpoints", step, unwrapped, optimizer, scheduler,
+                                             config.save_total_limit)))
+        accelerator.wait_for_everyone()
+
     t_start, tokens_seen, last = time.perf_counter(), 0.0, {}
-    for step in range(start, total_steps):
-        t0 = time.perf_counter()
-        indices = step_examples(len(train_examples), step, config.batch_size, config.seed)
-        batches = micro_batches(train_examples, indices, rank, world, config.grad_accum, tokenizer.pad_token_id,
-                                accelerator.device)
-        stats = train_step(policy, train_ref, objective, batches, optimizer, scheduler, accelerator,
-                           config.max_grad_norm, examples_per_process)
-        tokens_seen += stats["num_tokens"]
-        last = stats | {"learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) / steps_per_epoch,
-                        "num_tokens": tokens_seen, "tokens_per_second": stats["num_tokens"] / (time.perf_counter() - t0)}
-        done = step + 1
-        if accelerator.is_main_process and (done % config.log_every == 0 or done == total_steps):
-            logger.write(done, last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
-                        margin=f"{last['rewards/margins']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}")
-        if config.eval_every and done % config.eval_every == 0 and done != total_steps:
-            run_eval(done)
-        if config.save_every and done % config.save_every == 0 and done != total_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out / "checkpoints", done, unwrapped, optimizer, scheduler, config.save_total_limit)
+    with StopSignals() as signals:
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            indices = step_examples(len(train_examples), step, config.batch_size, config.seed)
+            batches = micro_batches(train_examples, indices, rank, world, config.grad_accum,
+                                    tokenizer.pad_token_id, accelerator.device)
+            stats = train_step(policy, train_ref, objective, batches, optimizer, scheduler, accelerator,
+                               config.max_grad_norm, examples_per_process)
+            done = step + 1
+            tokens_seen += stats["num_tokens"]
+            last = stats | {"learning_rate": scheduler.get_last_lr()[0], "epoch": done / steps_per_epoch,
+                            "num_tokens": tokens_seen,
+                            "tokens_per_second": stats["num_tokens"] / (time.perf_counter() - t0)}
+            if accelerator.is_main_process and (done % config.log_every == 0 or done == total_steps):
+                logger.write(done, last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
+                            margin=f"{last['rewards/margins']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}")
+            guard.update(bool(stats["skipped"]), done, saved[-1] if saved else None)
+            if signum := signals.requested(accelerator):
+                save(done)
+                bar.close()
+                raise Interrupted(f"stopped by signal {signum} after step {done}; checkpoint saved in "
+                                  f"{saved[-1]}; continue with --resume", signum)
+            if config.eval_every and done % config.eval_every == 0 and done != total_steps:
+                run_eval(done)
+            if config.save_every and done % config.save_every == 0 and done != total_steps:
+                save(done)
     bar.close()
     eval_after = run_eval(total_steps)
     runtime = time.perf_counter() - t_start
+    summary = {"steps": total_steps, "skipped_steps": guard.total, "train_runtime_seconds": runtime,
+               "train": last, "eval_before": eval_before, "eval": eval_after}
     accelerator.wait_for_everyone()
-    summary = {"steps": total_steps, "train_runtime_seconds": runtime, "train": last, "eval_before": eval_before,
-               "eval": eval_after}
     if accelerator.is_main_process:
         save_final(out, unwrapped, tokenizer, config)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -186,10 +206,16 @@ def train(config: Config) -> dict:
 
 
 def save_final(out: Path, model, tokenizer, config: Config) -> None:
-    """``final/``: a Hugging Face model folder with tokenizer, plus what dpolab needs to score with it."""
-    final = out / "final"
-    model.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    """``final/``: a Hugging Face model folder with tokenizer, plus what dpolab needs to score with it.
+    Written beside and renamed into place, so a crash never leaves a half-written ``final/``."""
+    final, tmp = out / "final", out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
     reference = config.ref_model or config.model
-    (final / "dpolab.json").write_text(json.dumps({"reference": reference, "beta": config.beta,
-                                                   "loss": config.loss}, indent=2))
+    if Path(reference).exists():
+        reference = str(Path(reference).resolve())
+    (tmp / "dpolab.json").write_text(json.dumps({"reference": reference, "beta": config.beta,
+                                                 "loss": config.loss}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
