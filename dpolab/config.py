@@ -64,6 +64,8 @@ class Config:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     logits_chunk: int = opt(1024, "Completion tokens per chunk when turning hidden states into log-probs.")
     trust_remote_code: bool = opt(False, "Allow model code from the model folder or hub (off: safer).")
+    allow_pickle_weights: bool = opt(False, "Also load weights from pickle files (.bin/.pt), which can run "
+                                            "code when loaded; off: safetensors only.")
     # --- adapters (LoRA through PEFT); 0 = full fine-tuning
     lora_r: int = opt(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: float = opt(16.0, "LoRA scaling α.")

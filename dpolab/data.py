@@ -23,6 +23,8 @@ from dpolab.errors import DataError
 log = logging.getLogger("dpolab")
 
 Text = str | list[dict]  # plain text, or a list of {role, content} messages
+FORMAT_KEYS = {"paired": {"chosen", "rejected"}, "unpaired": {"completion", "label"},
+               "ranked": {"completions", "scores"}}
 KNOWN_COLUMNS = {"prompt", "chosen", "rejected", "completion", "label", "completions", "scores", "margin",
                  "score_chosen", "score_rejected"}
 
@@ -209,6 +211,10 @@ def parse_row(row: Any, where: str) -> Record:
     margin = _number(row, "margin", where) if row.get("margin") not in (None, "") else None
     if margin is None and row.get("score_chosen") not in (None, "") and row.get("score_rejected") not in (None, ""):
         margin = _number(row, "score_chosen", where) - _number(row, "score_rejected", where)
+    formats = [name for name, keys in FORMAT_KEYS.items() if keys & set(row)]
+    if len(formats) > 1:
+        raise DataError(f"{where}: the row mixes keys of the {' and '.join(formats)} formats "
+                        f"({', '.join(sorted(set(row) & set().union(*FORMAT_KEYS.values())))}); use one format")
     if "completions" in row:
         _require(row, ("prompt", "completions"), where, "ranked")
         answers = row["completions"]

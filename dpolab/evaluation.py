@@ -71,11 +71,12 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str = "s
         if ref_name is None:
             log.warning("no --ref-model and no recorded reference: the model is its own reference (rewards 0)")
             ref_name = model
-        reference = ModelReference(load_model(ref_name, config.trust_remote_code).to(accelerator.device),
-                                   config.logits_chunk, accelerator.autocast)
+        ref = load_model(ref_name, config.trust_remote_code, config.allow_pickle_weights)
+        reference = ModelReference(ref.to(accelerator.device), config.logits_chunk, accelerator.autocast)
     else:
         reference = NoReference()
-    policy = SequenceLogps(load_model(model, config.trust_remote_code), config.logits_chunk)
+    policy = SequenceLogps(load_model(model, config.trust_remote_code, config.allow_pickle_weights),
+                           config.logits_chunk)
     policy = accelerator.prepare(policy)
     return evaluate_examples(policy, reference, objective, examples, config.batch_size, accelerator,
                              tokenizer.pad_token_id)

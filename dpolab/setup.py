@@ -51,20 +51,22 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights only."""
+def load_model(name: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
+    """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights unless ``allow_pickle``."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True,
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
+                                                     use_safetensors=None if allow_pickle else True,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         msg = first_line(e)
         if "safetensors" in msg or ".bin" in msg:
             msg += (" — dpolab loads weights from safetensors only, because pickle files can run code; "
-                    "convert the checkpoint with save_pretrained(safe_serialization=True)")
+                    "convert the checkpoint with save_pretrained(safe_serialization=True), or pass "
+                    "--allow-pickle-weights if you trust its source")
         raise DpolabError(f"cannot load the model {name}: {msg}") from None
     model.config.use_cache = False
     return model
@@ -113,7 +115,10 @@ def build_reference(config: Config, objective: Objective, model, train_examples:
     if not objective.needs_ref or config.reference_free:
         return NoReference(), NoReference()
     ref_name = config.ref_model or config.model
-    ref_model = load_model(config.ref_model, config.trust_remote_code) if config.ref_model else copy.deepcopy(model)
+    if config.ref_model:
+        ref_model = load_model(config.ref_model, config.trust_remote_code, config.allow_pickle_weights)
+    else:
+        ref_model = copy.deepcopy(model)  # the initial policy, frozen
     reference = ModelReference(ref_model.to(accelerator.device), config.logits_chunk, accelerator.autocast)
     if not config.precompute_ref:
         return reference, reference

@@ -109,7 +109,7 @@ def train(config: Config) -> dict:
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
 
     torch.manual_seed(config.seed)
-    model = load_model(config.model, config.trust_remote_code)
+    model = load_model(config.model, config.trust_remote_code, config.allow_pickle_weights)
     train_ref, eval_ref = build_reference(config, objective, model, train_examples, eval_examples, accelerator,
                                           tokenizer.pad_token_id)
     if config.gradient_checkpointing:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,34 +18,23 @@ def lines(*rows):
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
-CASES = [  # (file name, content, expected message fragment)
-    ("broken.jsonl", lines(GOOD, GOOD, '{"prompt": "x", "chosen": "y",', GOOD), r"broken\.jsonl, line 3: broken JSON"),
-    ("missing.jsonl", lines(GOOD, {"prompt": "p", "chosen": "c"}), r"line 2, field 'rejected': missing"),
-    ("type.jsonl", lines({"prompt": "p", "chosen": 3, "rejected": "r"}), r"line 1, field 'chosen': expected a string"),
-    ("empty.jsonl", lines(GOOD, GOOD, {"prompt": "p", "chosen": "  ", "rejected": "r"}),
-     r"line 3, field 'chosen': empty text"),
-    ("messages.jsonl", lines({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "a"}],
-                              "rejected": [{"role": "assistant", "content": "b"}]}),
-     r"line 1, field 'prompt', message 0"),
-    ("mixed.jsonl", lines(GOOD, {"prompt": "p", "completion": "c", "label": True}), r"line 2: a unpaired row"),
-    ("nothing.jsonl", "\n\n", r"no usable rows"),
-    ("bad.json", '[\n  {"prompt": "a", "chosen": "b", "rejected": "c"},\n  {"prompt": "a", "chosen": "b"}\n]',
-     r"bad\.json, line 3 \(item 1\), field 'rejected': missing"),
-    ("bad.csv", "prompt,chosen,rejected\nhi,a,b\nhi,,b\n", r"bad\.csv, line 3, field 'chosen': empty text"),
-    ("latin1.jsonl", None, r"line 2: invalid UTF-8"),
-    ("label.jsonl", lines({"prompt": "p", "completion": "c", "label": "maybe"}), r"field 'label': expected true or"),
-]
+CORPUS = Path(__file__).parent / "data" / "bad"
+EXPECTED = json.loads((CORPUS / "EXPECTED.json").read_text())
 
 
-@pytest.mark.parametrize("name,content,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_file_names_file_line_and_field(tmp_path, name, content, message):
-    path = tmp_path / name
-    if content is None:
-        path.write_bytes(lines(GOOD).encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
-    else:
-        path.write_text(content)
-    with pytest.raises(DataError, match=message):
-        load_records(str(path))
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_file_corpus_names_file_line_and_field(name):
+    """Every file of tests/data/bad gives its expected one-line reason (EXPECTED.json), with file and line."""
+    with pytest.raises(DataError, match=EXPECTED[name]) as e:
+        load_records(str(CORPUS / name))
+    assert str(CORPUS / name) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corpus_rows_are_skippable(tmp_path):
+    """With --skip-invalid the bad rows of a mostly good file are dropped and the good ones kept."""
+    for name in ("broken_json.jsonl", "missing_key.jsonl", "empty_string.jsonl", "not_an_object.jsonl"):
+        records = load_records(str(CORPUS / name), skip_invalid=True)
+        assert records and all(r.kind == "paired" for r in records)
 
 
 def test_skip_invalid_drops_and_counts(tmp_path, caplog):
@@ -104,3 +94,5 @@ def test_pickle_only_model_is_refused(tmp_path, tiny_model):
         from dpolab.setup import load_model
 
         load_model(str(tmp_path / "m"))
+    model = load_model(str(tmp_path / "m"), allow_pickle=True)  # the explicit opt-in loads it
+    assert torch.equal(model.lm_head.weight, load_file(str(tiny_model / "model.safetensors"))["lm_head.weight"])
