@@ -34,8 +34,13 @@ def resolve_defaults(config: Config) -> Config:
 
 
 def make_accelerator(config: Config):
+    """A fresh Accelerator per run. Accelerate keeps its precision in a process-wide singleton; it is
+    reset (keeping the process group) so that runs with different precision can follow one another in one
+    Python process, as in a notebook."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision="bf16" if config.bf16 else "no")
 
 

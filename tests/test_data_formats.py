@@ -1,0 +1,97 @@
+"""Every accepted source (JSONL, JSON, CSV, Parquet, a saved dataset folder) and row format reads the same."""
+
+import csv
+import json
+
+import pytest
+
+from dpolab.data import load_records, split_records
+from tests.conftest import preference_rows
+
+ROWS = preference_rows(5, seed=7)
+
+
+def as_tuples(records):
+    return [(r.kind, r.prompt, tuple(map(str, r.completions))) for r in records]
+
+
+def test_every_file_type_gives_the_same_records(tmp_path):
+    import datasets
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "d.json").write_text(json.dumps(ROWS, indent=2))
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+        w.writeheader()
+        w.writerows(ROWS)
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    expected = [("paired", r["prompt"], (r["chosen"], r["rejected"])) for r in ROWS]
+    for name in ("d.jsonl", "d.json", "d.csv", "d.parquet", "saved", "saved_dict"):
+        assert as_tuples(load_records(str(tmp_path / name))) == expected, name
+
+
+def test_row_formats(tmp_path):
+    rows = [
+        {"prompt": "p", "completion": " yes", "label": True},
+        {"prompt": "p", "completion": " no", "label": "false"},
+    ]
+    path = tmp_path / "u.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = load_records(str(path))
+    assert [(r.kind, r.label) for r in recs] == [("unpaired", True), ("unpaired", False)]
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "completions": ["b", "a", "c"], "scores": [2, 3, 1]}) + "\n")
+    (rec,) = load_records(str(path))
+    assert rec.kind == "ranked" and rec.completions == ["a", "b", "c"]  # sorted best first by score
+
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 5,
+                                "score_rejected": 2, "id": 1}) + "\n")
+    (rec,) = load_records(str(path))
+    assert rec.margin == 3.0
+
+
+def test_eval_split_is_seeded_and_disjoint():
+    items = list(range(100))
+    a_train, a_eval = split_records(items, 0.1, seed=3)
+    b_train, b_eval = split_records(items, 0.1, seed=3)
+    c_train, c_eval = split_records(items, 0.1, seed=4)
+    assert a_eval == b_eval and a_eval != c_eval and len(a_eval) == 10
+    assert sorted(a_train + a_eval) == items
+    assert split_records(items, 0.0, seed=3) == (items, [])
+
+
+@pytest.mark.parametrize("option", ["bf16", "gradient_checkpointing"])
+def test_precision_and_memory_options_keep_first_loss_ln2(run_config, tmp_path, option):
+    import math
+
+    import dpolab
+
+    s = dpolab.train(**run_config(output_dir=str(tmp_path / option), max_steps=2, **{option: True}))
+    assert s["eval_before"]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(s["train"]["loss"]) and s["skipped_steps"] == 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.batch import collate
+    from dpolab.logps import SequenceLogps
+    from dpolab.tokenization import Example
+
+    batch = collate([Example(0, [5, 6, 7], [[8, 9], [10, 11, 12]])], pad_id=0)
+    grads = []
+    for gc in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        SequenceLogps(model)(**batch.model_inputs()).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
