@@ -77,10 +77,15 @@ def micro_batches(examples, indices: list[int], rank: int, world: int, grad_accu
     return [collate([examples[j] for j in mine[i: i + size]], pad_id).to(device) for i in range(0, share, size)]
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {out} is a file")
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise ConfigError(f"output directory {out} exists and is not empty; pass --resume to continue the "
                           "run in it, --overwrite to replace it, or choose another --output-dir")
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
     if overwrite and out.exists():
         for child in out.iterdir():
             if child.name != "ref_cache":  # reference log-probs stay valid: they are keyed by content
@@ -97,12 +102,13 @@ def train(config: Config) -> dict:
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
                           f"= {world} × {config.grad_accum}")
-    if accelerator.is_main_process:
-        prepare_output_dir(out, config.resume, config.overwrite)
-    accelerator.wait_for_everyone()
+    check_output_dir(out, config.resume, config.overwrite)
     objective = build_objective_for(config)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_examples, eval_examples = load_examples(config, tokenizer)
+    if accelerator.is_main_process:  # only now that settings and data are known to be good
+        prepare_output_dir(out, config.overwrite)
+    accelerator.wait_for_everyone()
     steps_per_epoch = len(train_examples) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_examples)} training examples is fewer than batch_size {config.batch_size}")
