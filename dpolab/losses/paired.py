@@ -251,7 +251,9 @@ def discopop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     """DiscoPOP (log-ratio modulated loss): ``z = βΔ``, ``m = σ(z/τ)``,
     ``L = (1 − m)·(−logσ(z)) + m·e^{−z}``, τ = 0.05 (``discopop_tau``).
 
-    Chan et al. 2024, eq. 5. TRL 1.16: same formula and default τ.
+    Chan et al. 2024, eq. 5. The loss is non-convex near z = 0: there dL/dz = −¾ + (1 − ln 2)/(4τ) > 0 for
+    τ = 0.05, so at policy = reference its gradient lowers the margin (for z in about (−0.12, 0.08));
+    outside that band it raises it. TRL 1.16: same formula and default τ.
     """
     h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * (h_c - h_r)
