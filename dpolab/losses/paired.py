@@ -50,7 +50,7 @@ def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chose
            ref_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
     """Robust DPO: ``L = [−(1−ε)·logσ(βΔ) + ε·logσ(−βΔ)] / (1−2ε)``, 0 ≤ ε < 0.5 (``label_smoothing``).
 
-    Chowdhury et al. 2024, eq. 8. The loss is an unbiased estimator of DPO under symmetric label noise ε.
+    Chowdhury et al. 2024. The loss is an unbiased estimator of DPO under symmetric label noise ε.
     TRL 1.16: same formula and default (ε = 0, where it equals DPO); TRL only warns for ε ∉ [0, 0.5),
     dpolab raises (the division by 1−2ε is meaningless there).
     """
@@ -153,7 +153,7 @@ def bco_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              ref_rejected_logps: Tensor, *, beta: float, delta: float | Tensor = 0.0) -> LossOutput:
     """BCO on pairs: ``L = −logσ(βh_c − δ) − logσ(−(βh_r − δ))``.
 
-    Jung et al. 2024, eq. 9 (the reward shift δ). ``delta`` = 0 by default, which is TRL 1.16's
+    Jung et al. 2024 (the reward shift δ). ``delta`` = 0 by default, which is TRL 1.16's
     ``bco_pair`` exactly. The paper's δ is the running mean of the rewards βh seen so far: the trainer keeps
     it with :func:`dpolab.losses.update_running_mean` (fed the batch's detached rewards, chosen and
     rejected, before the loss) and passes it here; it is treated as a constant (detached).
@@ -270,7 +270,7 @@ def odpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
          ref_rejected_logps: Tensor, *, beta: float, margin: Tensor) -> LossOutput:
     """ODPO: ``L = −logσ(βΔ − m)``, m ≥ 0 a per-example offset from the ``margin`` data column.
 
-    Amini et al. 2024, eq. 7 (the paper sets m = α·log(score gap); dpolab takes m as given, so any scaling
+    Amini et al. 2024 (the paper sets m = α·log(score gap); dpolab takes m as given, so any scaling
     is done in the data). Not in TRL 1.16.
     """
     h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -286,7 +286,7 @@ def rdpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
          rdpo_alpha: float = 0.01) -> LossOutput:
     """Length-regularised DPO: ``L = −logσ(βΔ − α·(n_c − n_r))`` (α = ``rdpo_alpha``).
 
-    Park et al. 2024, eq. 9 (their regulariser α·(|y_w| − |y_l|) inside the sigmoid). The default 0.01 is a
+    Park et al. 2024 (their regulariser α·(|y_w| − |y_l|) inside the sigmoid). The default 0.01 is a
     starting point; the paper tunes α per model. Not in TRL 1.16.
     """
     h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -301,7 +301,7 @@ def dpop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
          ref_rejected_logps: Tensor, *, beta: float, dpop_lambda: float = 50.0) -> LossOutput:
     """DPO-Positive: ``L = −logσ(β·(Δ − λ·max(0, ref_c − π_c)))`` (λ = ``dpop_lambda``, 50 in the paper).
 
-    Pal et al. 2024, eq. 3: the penalty is active only while the policy's chosen log-prob is below the
+    Pal et al. 2024: the penalty is active only while the policy's chosen log-prob is below the
     reference's. Not in TRL 1.16.
     """
     h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -317,7 +317,7 @@ def cal_dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chos
             ref_rejected_logps: Tensor, *, beta: float) -> LossOutput:
     """Cal-DPO: ``L = −logσ(h_c − h_r) + (h_c − 1/(2β))² + (h_r + 1/(2β))²``.
 
-    Xiao et al. 2024, eq. 10: the contrastive term carries no β; β only sets the calibration targets
+    Xiao et al. 2024: the contrastive term carries no β; β only sets the calibration targets
     ±1/(2β) (the log-ratios of rewards ±½ at temperature β). Deviation: the authors' released code weights
     the calibration term by ½ (and averages it over the batch); dpolab follows the paper's equation. Not in
     TRL 1.16.

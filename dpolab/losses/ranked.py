@@ -15,7 +15,7 @@ def plackett_luce(policy_logps: Tensor, ref_logps: Tensor, *, beta: float) -> Lo
     """DPO under the Plackett–Luce model: with ``z_k = β·h_k`` (k = 1 best … K worst),
     ``L = −Σ_{k=1}^{K−1} [z_k − log Σ_{j=k}^{K} exp(z_j)]`` (logsumexp over the answers not yet placed).
 
-    Rafailov et al. 2023, eq. 18 (App. A.3). K = 2 gives −logσ(βΔ) = ``sigmoid``. Inputs are (B, K); the
+    Rafailov et al. 2023, App. A.3. K = 2 gives −logσ(βΔ) = ``sigmoid``. Inputs are (B, K); the
     rewards returned are those of the best and of the worst completion. Not in TRL 1.16.
     """
     h = policy_logps - ref_logps  # (B, K)

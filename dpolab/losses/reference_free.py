@@ -31,7 +31,7 @@ def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen
           rejected_lengths: Tensor, simpo_gamma: float = 1.0) -> LossOutput:
     """SimPO: ``L = −logσ(β·(π_c/n_c − π_r/n_r) − γ)`` (γ = ``simpo_gamma``); defaults β = 2.0, γ = 1.0.
 
-    Meng et al. 2024, eq. 6 (γ/β = 0.5 as the paper recommends). TRL 1.16 has SimPO only in the
+    Meng et al. 2024 (γ/β = 0.5 as the paper recommends). TRL 1.16 has SimPO only in the
     experimental CPOTrainer, whose ``loss_type='simpo'`` defaults to β = 0.1, γ = 0.5 and adds CPO's NLL
     term (cpo_alpha = 1.0): that is CPO-SimPO, here ``simpo`` + ``sft`` combined. dpolab's ``simpo`` is the
     paper's loss with the paper's defaults; with TRL's cpo_alpha = 0 and the same β, γ the two agree.
@@ -74,7 +74,7 @@ def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
     """ORPO: ``L = NLL(y_c) − λ·logσ(log odds(y_c) − log odds(y_r))``, with ``p̄ = exp(π/n)``,
     ``odds(y) = p̄/(1 − p̄)``; λ is ``beta`` (0.1), as in TRL.
 
-    Hong et al. 2024, eqs. 4–7. NLL(y_c) is the mean per token over all chosen completion tokens of the
+    Hong et al. 2024, eqs. 4 and 7. NLL(y_c) is the mean per token over all chosen completion tokens of the
     batch (see ``cpo``). log odds(y) = π/n − log(1 − e^{π/n}). Parameter name: TRL 1.16's ORPOTrainer
     calls λ ``beta`` (default 0.1) and so does dpolab. Deviation: TRL 1.16 computes the NLL over the prompt
     AND the completion tokens (its labels are every attended token); dpolab, like the paper's L_SFT on the

@@ -60,7 +60,7 @@ def bco(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, *, beta: float,
         delta: float | Tensor = 0.0) -> LossOutput:
     """BCO: desirable ``−logσ(βh − δ)``, undesirable ``−logσ(−(βh − δ))``; δ = running mean of βh.
 
-    Jung et al. 2024, eq. 9. δ is state the trainer keeps with :func:`update_running_mean` (fed every
+    Jung et al. 2024. δ is state the trainer keeps with :func:`update_running_mean` (fed every
     batch's detached rewards before the loss, as the paper's reward shift); it defaults to 0 and is treated
     as a constant. Not in TRL 1.16 (its BCOTrainer was removed; the paper's density-ratio re-weighting of
     prompts (UDM) is not implemented here either).
