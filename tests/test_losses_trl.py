@@ -220,7 +220,8 @@ def test_wpo_weighting_matches_trl(name):
                         rejected_log_sum_sq_probs=S[B:])
         return (ours(name, batch, x) * w).mean()
 
-    assert_same(lambda x: trl_dpo_loss(batch, x, loss_type=name, use_weighting=True), our_fn, batch["token_logps"], mask=batch["shift_mask"])
+    assert_same(lambda x: trl_dpo_loss(batch, x, loss_type=name, use_weighting=True), our_fn, batch["token_logps"],
+                mask=batch["shift_mask"])
 
 
 @pytest.mark.parametrize("ld_alpha", [0.0, 0.4, 1.0])
