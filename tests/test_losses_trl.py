@@ -60,7 +60,7 @@ def _dpo_batch(seed: int, dtype=torch.float64):
     completion_mask = (torch.arange(T)[None, :] >= 1) & (torch.arange(T)[None, :] <= lengths[:, None])
     shift_mask = completion_mask[:, 1:]  # (2B, T−1): which next-token log-probs are completion tokens
     token_logps = (-2.0 * torch.rand(2 * B, T - 1, generator=g, dtype=dtype) - 0.05) * shift_mask
-    ref = torch.stack([token_logps.sum(-1) for _ in range(1)])[0] + torch.randn(2 * B, generator=g, dtype=dtype)
+    ref = token_logps.sum(-1) + torch.randn(2 * B, generator=g, dtype=dtype)  # reference sums near the policy
     return dict(token_logps=token_logps, completion_mask=completion_mask.long(), shift_mask=shift_mask,
                 lengths=lengths, ref_chosen=ref[:B], ref_rejected=ref[B:],
                 log_sum_sq=(-torch.rand(2 * B, T - 1, generator=g, dtype=dtype)) * shift_mask,
