@@ -37,8 +37,10 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, keep: int) -> Path:
-    """Write ``root/step-{step}`` atomically and keep only the newest ``keep`` checkpoints."""
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, keep: int,
+                    objective_state: dict | None = None, reference: torch.nn.Module | None = None) -> Path:
+    """Write ``root/step-{step}`` atomically and keep only the newest ``keep`` checkpoints. A reference
+    that training moves (TR-DPO) and the objective's running state are saved too."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     try:
@@ -48,7 +50,9 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_file(_rng_state(), str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        if reference is not None:
+            save_model(reference, str(tmp / "reference.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "objective": objective_state or {}}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -69,10 +73,16 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, objective_state: dict | None = None,
+                    reference: torch.nn.Module | None = None) -> int:
     """Restore everything saved by :func:`save_checkpoint`; return the step it was taken at."""
     load_model(model, str(path / "model.safetensors"))
+    if reference is not None:
+        load_model(reference, str(path / "reference.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(load_file(str(path / "rng.safetensors")))
-    return json.loads((path / "state.json").read_text())["step"]
+    state = json.loads((path / "state.json").read_text())
+    if objective_state is not None:
+        objective_state.update(state.get("objective", {}))
+    return state["step"]

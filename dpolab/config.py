@@ -40,6 +40,30 @@ class Config:
                                    "default 0.1, or the loss's own (SimPO: 2.0).")
     label_smoothing: float = opt(0.0, "ε: assumed label-noise rate (cDPO, robust DPO); 0 ≤ ε < 0.5.")
     reference_free: bool = opt(False, "Use ref log-probs of 0 with a reference loss: no reference model.")
+    # --- loss hyper-parameters (docs/losses.md); each is bound to the losses that declare it
+    exo_epsilon: float = opt(1e-3, "EXO's ε in (0, 1) (exo_pair).")
+    discopop_tau: float = opt(0.05, "DiscoPOP's temperature τ (discopop).")
+    rdpo_alpha: float = opt(0.01, "R-DPO's length penalty α per token of n_c − n_r (rdpo).")
+    dpop_lambda: float = opt(50.0, "DPO-Positive's penalty weight λ (dpop).")
+    simpo_gamma: float = opt(1.0, "Target reward margin γ (simpo, alphapo).")
+    alphapo_alpha: float = opt(0.25, "AlphaPO's reward-shape α; 0 gives SimPO (alphapo).")
+    cpo_alpha: float = opt(1.0, "Weight of CPO's NLL term on the chosen answers (cpo).")
+    desirable_weight: float = opt(1.0, "KTO's λ_D, the weight of desirable rows (kto).")
+    undesirable_weight: float = opt(1.0, "KTO's λ_U, the weight of undesirable rows (kto).")
+    bco_running_delta: bool = opt(False, "BCO's δ as the running mean of the rewards (the paper); off: δ = 0.")
+    unpair: bool = opt(False, "Turn each preference pair into a desirable and an undesirable row, for "
+                              "unpaired losses (kto, bco).")
+    # --- modifiers
+    f_divergence_type: str = opt("reverse_kl", "f-DPO: the divergence to the reference (reverse_kl is DPO).",
+                                 choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
+    f_alpha_divergence_coef: float = opt(0.5, "α of the alpha_divergence.")
+    use_weighting: bool = opt(False, "WPO: weight each pair by the policy's probability of its completions.")
+    ld_alpha: float | None = opt(None, "LD-DPO: scale log-probs of completion tokens beyond the shorter "
+                                       "answer's length by α in [0, 1].")
+    sync_ref_model: bool = opt(False, "TR-DPO: move the reference towards the policy every "
+                                      "--ref-model-sync-steps steps.")
+    ref_model_mixup_alpha: float = opt(0.6, "TR-DPO's α: ref ← α·policy + (1 − α)·ref.")
+    ref_model_sync_steps: int = opt(512, "TR-DPO's τ: optimizer steps between reference updates.")
     # --- optimisation
     learning_rate: float = opt(1e-6, "Peak learning rate of AdamW.")
     lr_scheduler: str = opt("cosine", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
@@ -127,6 +151,19 @@ class Config:
              "reference model")
         need(uses_ref or not self.precompute_ref, "precompute_ref needs a loss that uses a reference model")
         need(len({LOSSES[n].data for n in names}) == 1, f"losses {self.loss} need different kinds of data")
+        need(0 < self.exo_epsilon < 1, f"exo_epsilon must be in (0, 1), got {self.exo_epsilon}")
+        need(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        need(self.ld_alpha is None or LOSSES[names[0]].data == "paired", "ld_alpha (LD-DPO) applies to paired losses")
+        need(0 < self.ref_model_mixup_alpha <= 1 and self.ref_model_sync_steps >= 1,
+             "ref_model_mixup_alpha must be in (0, 1] and ref_model_sync_steps ≥ 1")
+        need(min(self.desirable_weight, self.undesirable_weight) > 0, "KTO's weights must be > 0")
+        if self.sync_ref_model:
+            need(uses_ref, "sync_ref_model (TR-DPO) needs a loss with a reference model")
+            need(not self.precompute_ref, "sync_ref_model (TR-DPO) updates the reference, so it cannot be "
+                                          "precomputed: drop --precompute-ref")
+        if self.f_divergence_type != "reverse_kl":
+            bad = [n for n in names if LOSSES[n].needs_ref and not LOSSES[n].f_divergence]
+            need(not bad, f"f_divergence_type {self.f_divergence_type} does not apply to {', '.join(bad)}")
         return self
 
     @property

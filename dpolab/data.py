@@ -297,6 +297,15 @@ def load_records(spec: str, skip_invalid: bool = False) -> list[Record]:
     return records
 
 
+def unpair_records(records: list[Record]) -> list[Record]:
+    """Each pair becomes two unpaired rows: (prompt, chosen, desirable) and (prompt, rejected, undesirable)."""
+    out = []
+    for r in records:
+        for completion, label in zip(r.completions[:2], (True, False)):
+            out.append(Record(r.where, "unpaired", r.prompt, [completion], r.conversational, label=label))
+    return out
+
+
 def split_records(records: list, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out ``fraction`` of the records (at least one), chosen by a seeded shuffle."""
     if fraction <= 0 or len(records) < 2:

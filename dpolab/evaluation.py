@@ -30,7 +30,7 @@ def evaluate_examples(policy, reference, objective: Objective, examples: list[Ex
         out = objective(policy(**batch.model_inputs()), reference(batch), batch)
         total = M.add(total, M.example_sums(out))
     if total is None:  # this process got no examples; it still joins the reduction
-        total = M.zeros()
+        total = M.zeros(objective.data != "unpaired", objective.needs_kl)
     total = {k: accelerator.reduce(v.to(accelerator.device), "sum") for k, v in total.items()}
     policy.train(was_training)
     return M.means(total, prefix)
@@ -53,30 +53,29 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str = "s
     """
     from dpolab.config import load_config
     from dpolab.reference import ModelReference, NoReference
-    from dpolab.setup import build_objective_for, check_data, load_model, load_tokenizer, make_accelerator
+    from dpolab.setup import (build_objective_for, load_model, load_tokenizer, make_accelerator, prepare_records,
+                              tokenize_for)
     from dpolab.data import load_records
     from dpolab.logps import SequenceLogps
-    from dpolab.tokenization import tokenize_records
 
     config = load_config(overrides=dict(settings, model=model, data=data, loss=loss, beta=beta,
                                         batch_size=batch_size, ref_model=ref_model))
-    objective = build_objective_for(config)
     accelerator = make_accelerator(config)
+    objective = build_objective_for(config, accelerator.gather)
     tokenizer = load_tokenizer(model, config.trust_remote_code)
-    records = load_records(data, config.skip_invalid)
-    check_data(config, records)
-    examples = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length)
+    examples = tokenize_for(config, prepare_records(config, load_records(data, config.skip_invalid)), tokenizer)
     if objective.needs_ref and not config.reference_free:
         ref_name = ref_model or default_reference(model)
         if ref_name is None:
             log.warning("no --ref-model and no recorded reference: the model is its own reference (rewards 0)")
             ref_name = model
         ref = load_model(ref_name, config.trust_remote_code, config.allow_pickle_weights)
-        reference = ModelReference(ref.to(accelerator.device), config.logits_chunk, accelerator.autocast)
+        reference = ModelReference(ref.to(accelerator.device), config.logits_chunk, accelerator.autocast,
+                                   config.ld_alpha)
     else:
         reference = NoReference()
     policy = SequenceLogps(load_model(model, config.trust_remote_code, config.allow_pickle_weights),
-                           config.logits_chunk)
+                           config.logits_chunk, config.ld_alpha)
     policy = accelerator.prepare(policy)
     return evaluate_examples(policy, reference, objective, examples, config.batch_size, accelerator,
                              tokenizer.pad_token_id)

@@ -31,10 +31,11 @@ class SequenceLogps(nn.Module):
     Distributed wrappers (DDP, FSDP) wrap this module, so gradients synchronise through its forward.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 1024):
+    def __init__(self, model: nn.Module, chunk: int = 1024, ld_alpha: float | None = None):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.ld_alpha = ld_alpha  # LD-DPO: weight of tokens past the shorter answer of each pair
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.scale = getattr(config, "logit_scale", None)
@@ -58,6 +59,25 @@ class SequenceLogps(nn.Module):
             else:
                 pieces.append(token_logps(h, t, head, self.softcap, self.scale))
         logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (M,)
+        if self.ld_alpha is not None:
+            logps = logps * ld_weights(score_seq, num_sequences, self.ld_alpha)
         sums = logps.new_zeros(num_sequences)
         return sums.index_add(0, score_seq, logps)  # (S,)
+
+
+def ld_weights(score_seq: Tensor, num_sequences: int, alpha: float) -> Tensor:
+    """LD-DPO token weights (Liu et al. 2024): 1 for a pair's first l_p = min(n_c, n_r) completion tokens,
+    α after. Sequences 2i and 2i+1 are a pair; each sequence's scored tokens appear in order.
+
+    >>> ld_weights(torch.tensor([0, 0, 0, 1, 1]), 2, 0.5).tolist()
+    [1.0, 1.0, 0.5, 1.0, 1.0]
+    """
+    n = torch.bincount(score_seq, minlength=num_sequences)  # (S,) tokens per sequence
+    public = torch.minimum(n[0::2], n[1::2]).repeat_interleave(2)  # (S,) l_p of each sequence's pair
+    order = torch.argsort(score_seq, stable=True)
+    starts = torch.cumsum(n, 0) - n  # first sorted slot of each sequence
+    rank = torch.empty_like(score_seq)
+    rank[order] = torch.arange(score_seq.numel(), device=score_seq.device) - starts[score_seq[order]]
+    ones = torch.ones(score_seq.shape, device=score_seq.device)
+    return torch.where(rank < public[score_seq], ones, ones * alpha)
 

@@ -17,26 +17,34 @@ Tensor = torch.Tensor
 
 
 def example_sums(out: Output) -> dict[str, Tensor]:
-    """Per-batch sums of the per-example quantities (all detached)."""
-    margins = out.chosen_rewards - out.rejected_rewards
-    return {
+    """Per-batch sums of the per-example quantities (all detached), with the counts that divide them."""
+    one = out.losses.new_ones(())
+    sums = {
         "loss": out.losses.detach().sum(),
+        "count": one * out.losses.numel(),
         "rewards/chosen": out.chosen_rewards.sum(),
         "rewards/rejected": out.rejected_rewards.sum(),
-        "rewards/margins": margins.sum(),
-        "rewards/accuracies": (margins > 0).float().sum(),  # strict: ties count as wrong
         "logps/chosen": out.chosen_logps.sum(),
         "logps/rejected": out.rejected_logps.sum(),
-        "count": torch.tensor(float(out.losses.numel()), device=out.losses.device),
+        "count/chosen": one * out.chosen_rewards.numel(),
+        "count/rejected": one * out.rejected_rewards.numel(),
     }
+    if out.paired:
+        margins = out.chosen_rewards - out.rejected_rewards
+        sums["rewards/margins"] = margins.sum()
+        sums["rewards/accuracies"] = (margins > 0).float().sum()  # strict: ties count as wrong
+    if out.kl is not None:
+        sums["kl"] = out.kl * out.losses.numel()  # example-weighted, like the other means
+    return sums
 
 
-KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-        "logps/rejected", "count")
+KEYS = ("loss", "count", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "count/chosen",
+        "count/rejected", "rewards/margins", "rewards/accuracies")
 
 
-def zeros() -> dict[str, Tensor]:
-    return {k: torch.zeros((), dtype=torch.float64) for k in KEYS}
+def zeros(paired: bool = True, kl: bool = False) -> dict[str, Tensor]:
+    keys = KEYS if paired else KEYS[:8]
+    return {k: torch.zeros((), dtype=torch.float64) for k in keys + (("kl",) if kl else ())}
 
 
 def add(total: dict[str, Tensor] | None, sums: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -46,8 +54,18 @@ def add(total: dict[str, Tensor] | None, sums: dict[str, Tensor]) -> dict[str, T
 
 
 def means(total: dict[str, Tensor], prefix: str = "") -> dict[str, float]:
+    """Divide each sum by its count: chosen and rejected quantities by their own counts (unpaired data)."""
     n = total["count"].item()
-    return {prefix + k: v.item() / n for k, v in total.items() if k != "count"}
+    out = {}
+    for k, v in total.items():
+        if k.startswith("count"):
+            continue
+        side = "chosen" if k.endswith("chosen") else "rejected" if k.endswith("rejected") else None
+        denom = total[f"count/{side}"].item() if side else n
+        out[prefix + k] = v.item() / denom if denom else float("nan")
+    if "rewards/margins" not in total:  # unpaired: the gap between the desirable and undesirable means
+        out[prefix + "rewards/margins"] = out[prefix + "rewards/chosen"] - out[prefix + "rewards/rejected"]
+    return out
 
 
 class MetricsLog:

@@ -1,18 +1,22 @@
-"""The objective: registry losses bound, once at setup, to their hyper-parameters and weights.
+"""The objective: registry losses bound, once at setup, to their hyper-parameters, weights and modifiers.
 
 It turns per-sequence log-probs (S,) into per-example losses (B,) by reading each loss's declaration
-(paired or ranked data, lengths, extra columns); it never branches on a loss name.
+(paired, ranked or unpaired data; lengths; columns; KL pairs; state; f-divergence), and never branches on
+a loss name. Sequence ``s`` of a batch is completion ``s % K`` of example ``s // K``:
+paired data has K = 2 (chosen, rejected); ranked data K answers best first; unpaired data K = 1, or 2 when
+the loss needs KTO's mismatched pairs (the row's own completion, then another row's completion).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from dpolab.batch import Batch
 from dpolab.errors import ConfigError
-from dpolab.losses import Loss, get_loss
+from dpolab.losses import Loss, f_divergence_inputs, get_loss, kto_kl_estimate, update_running_mean, wpo_weights
 
 Tensor = torch.Tensor
 
@@ -20,10 +24,12 @@ Tensor = torch.Tensor
 @dataclass
 class Output:
     losses: Tensor  # (B,) Σ_k w_k · loss_k per example
-    chosen_rewards: Tensor  # (B,) detached, from the first loss
-    rejected_rewards: Tensor  # (B,)
-    chosen_logps: Tensor  # (B,) policy log-prob of the chosen (best) completion, detached
-    rejected_logps: Tensor  # (B,) of the rejected (worst) completion
+    chosen_rewards: Tensor  # (B,) β·h of the chosen (best) completion; unpaired: (n_desirable,)
+    rejected_rewards: Tensor  # (B,) of the rejected (worst) completion; unpaired: (n_undesirable,)
+    chosen_logps: Tensor  # policy log-probs matching chosen_rewards, detached
+    rejected_logps: Tensor
+    paired: bool = True  # chosen_rewards[i] and rejected_rewards[i] belong to the same example
+    kl: Tensor | None = None  # KTO's batch KL estimate
 
 
 @dataclass
@@ -32,6 +38,12 @@ class Objective:
     weights: list[float]
     beta: float
     params: list[dict]  # per loss: its hyper-parameters by name
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    use_weighting: bool = False  # WPO
+    running_delta: bool = False  # BCO's δ as the running mean of rewards (else 0)
+    gather: Callable[[Tensor], Tensor] = lambda t: t  # across processes, for batch statistics
+    state: dict = field(default_factory=lambda: {"delta_mean": 0.0, "delta_count": 0})
 
     @property
     def data(self) -> str:
@@ -42,39 +54,87 @@ class Objective:
         return any(loss.needs_ref for loss in self.losses)
 
     @property
+    def needs_kl(self) -> bool:
+        return any(loss.needs_kl for loss in self.losses)
+
+    @property
     def columns(self) -> set[str]:
         return {c for loss in self.losses for c in loss.columns}
 
     def __call__(self, policy_logps: Tensor, ref_logps: Tensor, batch: Batch) -> Output:
         K = batch.num_completions
-        P = policy_logps.view(-1, K)  # (B, K)
-        R = ref_logps.view(-1, K)  # (B, K)
-        L = batch.lengths.view(-1, K)  # (B, K)
-        total, rewards = 0.0, None
+        P, R, L = policy_logps.view(-1, K), ref_logps.view(-1, K), batch.lengths.view(-1, K)  # (B, K)
+        h = (P - R).detach()
+        if self.data == "unpaired":
+            return self._unpaired(P, R, h, batch)
+        delta = self._delta(self.beta * h) if any("delta" in loss.state for loss in self.losses) else None
+        total = 0.0
         for loss, w, params in zip(self.losses, self.weights, self.params):
             kwargs = dict(params, beta=self.beta)
             if "margin" in loss.columns:
                 kwargs["margin"] = batch.margins
+            if "delta" in loss.state:
+                kwargs["delta"] = delta
             if loss.data == "ranked":
                 out = loss(P, R, **kwargs)
             else:
                 if loss.needs_lengths:
                     kwargs.update(chosen_lengths=L[:, 0], rejected_lengths=L[:, 1])
-                out = loss(P[:, 0], P[:, 1], R[:, 0], R[:, 1], **kwargs)
+                inputs = (P[:, 0], P[:, 1], R[:, 0], R[:, 1])
+                if self.f_divergence_type != "reverse_kl":
+                    inputs = f_divergence_inputs(loss, *inputs, f_divergence_type=self.f_divergence_type,
+                                                 f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+                out = loss(*inputs, **kwargs)
             total = total + w * out[0]
-            rewards = rewards or out[1:]
-        return Output(total, rewards[0], rewards[1], P[:, 0].detach(), P[:, -1].detach())
+        if self.use_weighting:
+            total = total * wpo_weights(P[:, 0], P[:, 1], L[:, 0], L[:, 1])
+        # Implicit rewards β·h of the best and the worst completion (SPEC §1), whatever the loss.
+        return Output(total, self.beta * h[:, 0], self.beta * h[:, -1], P[:, 0].detach(), P[:, -1].detach())
+
+    def _unpaired(self, P: Tensor, R: Tensor, h: Tensor, batch: Batch) -> Output:
+        labels = batch.labels.to(P.device)
+        kl = kto_kl_estimate(self.gather(P[:, 1].detach()), self.gather(R[:, 1])) if self.needs_kl else None
+        delta = self._delta(self.beta * h[:, 0]) if any("delta" in loss.state for loss in self.losses) else None
+        total = 0.0
+        for loss, w, params in zip(self.losses, self.weights, self.params):
+            kwargs = dict(params, beta=self.beta)
+            if loss.needs_kl:
+                kwargs.update(kl_policy_logps=P[:, 1], kl_ref_logps=R[:, 1])
+            if "delta" in loss.state:
+                kwargs["delta"] = delta
+            total = total + w * loss(P[:, 0], R[:, 0], labels, **kwargs)[0]
+        r, logp = self.beta * h[:, 0], P[:, 0].detach()
+        return Output(total, r[labels], r[~labels], logp[labels], logp[~labels], paired=False, kl=kl)
+
+    def _delta(self, rewards: Tensor) -> Tensor | float:
+        """BCO's δ: the running mean of every reward seen so far (while training), or 0."""
+        if not self.running_delta:
+            return 0.0
+        if torch.is_grad_enabled():  # evaluation reads δ without moving it
+            mean, count = update_running_mean(self.state["delta_mean"], self.state["delta_count"],
+                                              self.gather(rewards.flatten()))
+            self.state.update(delta_mean=float(mean), delta_count=int(count))
+        return self.state["delta_mean"]
 
 
-def build_objective(names: list[str], weights: list[float] | None, beta: float, settings: dict) -> Objective:
-    """Bind each named loss to the values of its declared ``params`` found in ``settings``."""
+def build_objective(names: list[str], weights: list[float] | None, beta: float, settings: dict,
+                    gather: Callable[[Tensor], Tensor] | None = None) -> Objective:
+    """Bind each named loss to the values of its declared ``params`` (and the modifiers) in ``settings``."""
     losses = [get_loss(n) for n in names]
-    if losses[0].data == "unpaired":
-        raise ConfigError(f"loss {names[0]!r} trains on unpaired data, which this trainer does not support yet")
     params = []
     for loss in losses:
         missing = [p for p in loss.params if p not in settings]
         if missing:
             raise ConfigError(f"loss {loss.name!r} needs settings {missing} that the config does not have")
         params.append({p: settings[p] for p in loss.params})
-    return Objective(losses, list(weights) if weights else [1.0] * len(losses), beta, params)
+    f_type = settings.get("f_divergence_type", "reverse_kl")
+    if f_type != "reverse_kl":
+        bad = [loss.name for loss in losses if loss.needs_ref and not loss.f_divergence]
+        if bad:
+            raise ConfigError(f"f_divergence_type {f_type} does not apply to {', '.join(bad)} (see docs/losses.md)")
+    return Objective(losses, list(weights) if weights else [1.0] * len(losses), beta, params,
+                     f_divergence_type=f_type,
+                     f_alpha_divergence_coef=settings.get("f_alpha_divergence_coef", 0.5),
+                     use_weighting=settings.get("use_weighting", False),
+                     running_delta=settings.get("bco_running_delta", False),
+                     gather=gather or (lambda t: t))

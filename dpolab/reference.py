@@ -30,9 +30,9 @@ Tensor = torch.Tensor
 class ModelReference:
     """A frozen model in eval mode, run under ``no_grad``."""
 
-    def __init__(self, model: torch.nn.Module, chunk: int = 1024, autocast=nullcontext):
+    def __init__(self, model: torch.nn.Module, chunk: int = 1024, autocast=nullcontext, ld_alpha: float | None = None):
         model.eval().requires_grad_(False)
-        self.logps = SequenceLogps(model, chunk)
+        self.logps = SequenceLogps(model, chunk, ld_alpha)
         self.autocast = autocast  # the policy's precision context, so that policy = reference at step 0
 
     @torch.no_grad()

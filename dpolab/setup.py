@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from dpolab.config import Config
-from dpolab.data import load_records, split_records
+from dpolab.data import load_records, split_records, unpair_records
 from dpolab.errors import ConfigError, DpolabError
 from dpolab.objective import Objective, build_objective
 from dpolab.reference import (CachedReference, ModelReference, NoReference, cache_key, compute_table,
                               load_or_compute, model_fingerprint)
-from dpolab.tokenization import Example, tokenize_records
+from dpolab.tokenization import Example, add_mismatched_completions, tokenize_records
 
 log = logging.getLogger("dpolab")
 
@@ -82,36 +82,59 @@ def first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def build_objective_for(config: Config) -> Objective:
-    return build_objective(config.loss_names, config.loss_weights, config.beta, vars(config))
+def build_objective_for(config: Config, gather=None) -> Objective:
+    return build_objective(config.loss_names, config.loss_weights, config.beta, vars(config), gather)
 
 
 def load_examples(config: Config, tokenizer) -> tuple[list[Example], list[Example]]:
     """Read, validate, split and tokenise the training and held-out data."""
-    records = load_records(config.data, config.skip_invalid)
+    records = prepare_records(config, load_records(config.data, config.skip_invalid))
     if config.eval_data:
-        eval_records = load_records(config.eval_data, config.skip_invalid)
+        eval_records = prepare_records(config, load_records(config.eval_data, config.skip_invalid))
     else:
         records, eval_records = split_records(records, config.eval_split, config.seed)
-    check_data(config, records)
-    tok = dict(tokenizer=tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
-    train = tokenize_records(records, **tok)
-    held = tokenize_records(eval_records, **tok) if eval_records else []
+    train = tokenize_for(config, records, tokenizer)
+    held = tokenize_for(config, eval_records, tokenizer) if eval_records else []
     log.info("data: %d training and %d held-out examples", len(train), len(held))
     return train, held
 
 
-def check_data(config: Config, records) -> None:
-    """The data must be of the kind and carry the columns the losses declare."""
+def tokenize_for(config: Config, records, tokenizer) -> list[Example]:
+    """Tokenise records by SPEC §4, adding KTO's mismatched completions when a loss needs them."""
+    examples = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length)
+    if build_objective_for(config).needs_kl:
+        examples = add_mismatched_completions(examples, config.seed, config.max_length)
+    return examples
+
+
+def prepare_records(config: Config, records):
+    """Check that the records fit the losses (kind, columns), unpairing pairs when asked."""
     objective = build_objective_for(config)
     kind = records[0].kind
+    if objective.data == "unpaired" and kind == "paired":
+        if not config.unpair:
+            raise ConfigError(f"loss {config.loss} trains on unpaired rows (prompt, completion, label), but "
+                              f"{records[0].where.rsplit(',', 1)[0]} holds pairs; pass --unpair to turn each pair "
+                              "into a desirable and an undesirable row")
+        records, kind = unpair_records(records), "unpaired"
     fits = kind == objective.data or (objective.data == "ranked" and kind == "paired")
     if not fits:
-        raise ConfigError(f"loss {config.loss} needs {objective.data} data, but {config.data} holds {kind} rows")
+        raise ConfigError(f"loss {config.loss} needs {objective.data} data, but {records[0].where} is a {kind} row")
     if "margin" in objective.columns and any(r.margin is None for r in records):
         bad = next(r for r in records if r.margin is None)
         raise ConfigError(f"{bad.where}: loss {config.loss} needs a 'margin' (or score_chosen and score_rejected) "
                           "column in every row")
+    if objective.data == "unpaired" and any(loss.name == "kto" for loss in objective.losses):
+        from dpolab.losses import kto_weight_advice
+
+        n_d = sum(bool(r.label) for r in records)
+        advice = kto_weight_advice(n_d, len(records) - n_d, config.desirable_weight, config.undesirable_weight)
+        if not advice.ok:
+            lo, hi = advice.desirable_weight_range
+            log.warning("KTO: %d desirable and %d undesirable rows give λ_D·n_D/(λ_U·n_U) = %.2f, outside the "
+                        "advised [1, 4/3]; try --desirable-weight between %.2f and %.2f", n_d, len(records) - n_d,
+                        advice.ratio, lo, hi)
+    return records
 
 
 def build_reference(config: Config, objective: Objective, model, train_examples: list[Example],
@@ -124,12 +147,14 @@ def build_reference(config: Config, objective: Objective, model, train_examples:
         ref_model = load_model(config.ref_model, config.trust_remote_code, config.allow_pickle_weights)
     else:
         ref_model = copy.deepcopy(model)  # the initial policy, frozen
-    reference = ModelReference(ref_model.to(accelerator.device), config.logits_chunk, accelerator.autocast)
+    reference = ModelReference(ref_model.to(accelerator.device), config.logits_chunk, accelerator.autocast,
+                               config.ld_alpha)
     if not config.precompute_ref:
         return reference, reference
     cache_dir = Path(config.ref_cache_dir or Path(config.output_dir) / "ref_cache")
     identity = model_fingerprint(ref_name)
-    settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "bf16": config.bf16}
+    settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "bf16": config.bf16,
+                "ld_alpha": config.ld_alpha}
     tables = []
     for examples in (train_examples, eval_examples):
         if not examples:

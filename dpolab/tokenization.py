@@ -120,3 +120,19 @@ def tokenize_records(records: list[Record], tokenizer, max_length: int, max_prom
     if len(ks) > 1:
         raise DataError(f"ranked rows must all have the same number of completions; found {sorted(ks)}")
     return examples
+
+
+def add_mismatched_completions(examples: list[Example], seed: int, max_length: int) -> list[Example]:
+    """KTO's KL pairs: give every unpaired example a second completion taken from another example, by a
+    seeded cyclic shift over a random order (so no example gets its own). Fixed per dataset, so the
+    reference log-probs of these pairs can be precomputed like any other."""
+    import random
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    partner = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+    out = []
+    for i, ex in enumerate(examples):
+        other = examples[partner[i]].completion_ids[0][: max(1, max_length - len(ex.prompt_ids))]
+        out.append(Example(ex.index, ex.prompt_ids, [ex.completion_ids[0], other], ex.label, ex.margin))
+    return out

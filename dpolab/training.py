@@ -28,6 +28,7 @@ from dpolab.errors import ConfigError, Interrupted
 from dpolab.evaluation import evaluate_examples
 from dpolab.guard import NonFiniteGuard, StopSignals
 from dpolab.logps import SequenceLogps
+from dpolab.losses import tr_dpo_update_
 from dpolab.objective import Objective
 from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
                           make_accelerator, resolve_defaults)
@@ -103,7 +104,7 @@ def train(config: Config) -> dict:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
                           f"= {world} × {config.grad_accum}")
     check_output_dir(out, config.resume, config.overwrite)
-    objective = build_objective_for(config)
+    objective = build_objective_for(config, accelerator.gather)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_examples, eval_examples = load_examples(config, tokenizer)
     if accelerator.is_main_process:  # only now that settings and data are known to be good
@@ -120,7 +121,7 @@ def train(config: Config) -> dict:
                                           tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = SequenceLogps(model, config.logits_chunk)
+    policy = SequenceLogps(model, config.logits_chunk, config.ld_alpha)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     from transformers import get_scheduler
 
@@ -129,10 +130,12 @@ def train(config: Config) -> dict:
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy).model
 
+    # TR-DPO moves the reference, so it is part of the training state.
+    synced_ref = train_ref.logps.model if config.sync_ref_model else None
     start = 0
     checkpoints = list_checkpoints(out / "checkpoints")
     if config.resume and checkpoints:
-        start = load_checkpoint(checkpoints[-1], unwrapped, optimizer, scheduler)
+        start = load_checkpoint(checkpoints[-1], unwrapped, optimizer, scheduler, objective.state, synced_ref)
         log.info("resuming from %s", checkpoints[-1])
     elif config.resume:
         log.info("no checkpoint in %s: starting from the beginning", out / "checkpoints")
@@ -162,7 +165,7 @@ def train(config: Config) -> dict:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             saved.append(str(save_checkpoint(out / "checkpoints", step, unwrapped, optimizer, scheduler,
-                                             config.save_total_limit)))
+                                             config.save_total_limit, objective.state, synced_ref)))
         accelerator.wait_for_everyone()
 
     t_start, tokens_seen, last = time.perf_counter(), 0.0, {}
@@ -175,6 +178,9 @@ def train(config: Config) -> dict:
             stats = train_step(policy, train_ref, objective, batches, optimizer, scheduler, accelerator,
                                config.max_grad_norm, examples_per_process)
             done = step + 1
+            if synced_ref is not None and done % config.ref_model_sync_steps == 0:
+                tr_dpo_update_(synced_ref.parameters(), unwrapped.parameters(),
+                               ref_model_mixup_alpha=config.ref_model_mixup_alpha)
             tokens_seen += stats["num_tokens"]
             last = stats | {"learning_rate": scheduler.get_last_lr()[0], "epoch": done / steps_per_epoch,
                             "num_tokens": tokens_seen,
@@ -182,7 +188,7 @@ def train(config: Config) -> dict:
             if accelerator.is_main_process and (done % config.log_every == 0 or done == total_steps):
                 logger.write(done, last)
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
                             margin=f"{last['rewards/margins']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}")
             guard.update(bool(stats["skipped"]), done, saved[-1] if saved else None)
             if signum := signals.requested(accelerator):
