@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from dpolab.errors import DpolabError
 
@@ -44,7 +44,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_file(_rng_state(), str(tmp / "rng.safetensors"))
@@ -61,6 +61,12 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     return final
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights training changes: all of them, or with LoRA only the adapters (the frozen base is
+    reloaded from the model folder on resume, so a checkpoint stays small)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
@@ -71,7 +77,11 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> int:
     """Restore everything saved by :func:`save_checkpoint`; return the step it was taken at."""
-    load_model(model, str(path / "model.safetensors"))
+    state = load_file(str(path / "model.safetensors"))
+    missing = set(trainable_state(model)) - set(state)
+    if missing:
+        raise DpolabError(f"checkpoint {path} does not match the model: no weights for {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(load_file(str(path / "rng.safetensors")))

@@ -60,15 +60,20 @@ class Config:
                                       "with no reference model in memory.")
     ref_cache_dir: str | None = opt(None, "Where precomputed reference log-probs are cached "
                                           "(default: OUTPUT_DIR/ref_cache).")
+    ref_device: str | None = opt(None, "Device of a reference model (a frozen copy or --ref-model), e.g. cpu to "
+                                       "keep it off the accelerator. Unset: the policy's device.")
     bf16: bool = opt(False, "bfloat16 autocast for forward and backward (weights and optimizer stay fp32).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     logits_chunk: int = opt(1024, "Completion tokens per chunk when turning hidden states into log-probs.")
     trust_remote_code: bool = opt(False, "Allow model code from the model folder or hub (off: safer).")
     # --- adapters (LoRA through PEFT); 0 = full fine-tuning
-    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.")
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights. The reference is then the model with its adapters "
+                         "off: no second copy. (A PEFT adapter folder as --model trains that adapter further.)")
     lora_alpha: float = opt(16.0, "LoRA scaling α.")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.")
     lora_target_modules: str = opt("all-linear", "Comma-separated module names, or all-linear.")
+    merge_on_save: bool = opt(False, "With LoRA: also write OUTPUT_DIR/merged, the adapter folded into the base "
+                                     "weights (a plain Hugging Face model); final/ keeps the adapter.")
     # --- run control
     eval_every: int = opt(0, "Evaluate every N optimizer steps (0: only before and after training).")
     save_every: int = opt(500, "Save a resumable checkpoint every N optimizer steps (0: never).")
@@ -121,6 +126,14 @@ class Config:
              f"--ref-model was given but {'reference_free' if self.reference_free else self.loss} uses no "
              "reference model")
         need(uses_ref or not self.precompute_ref, "precompute_ref needs a loss that uses a reference model")
+        need(uses_ref or self.ref_device is None, "ref_device is set but the loss uses no reference model")
+        from dpolab.adapters import is_adapter_dir
+
+        lora = self.lora_r > 0 or is_adapter_dir(self.model)
+        need(not (lora and self.ref_device and not self.ref_model),
+             "ref_device: with LoRA the reference is the policy itself with its adapters off, on the policy's "
+             "device; give --ref-model for a separate reference model")
+        need(lora or not self.merge_on_save, "merge_on_save needs LoRA (--lora-r > 0 or an adapter as --model)")
         need(len({LOSSES[n].data for n in names}) == 1, f"losses {self.loss} need different kinds of data")
         return self
 

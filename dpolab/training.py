@@ -19,16 +19,18 @@ from pathlib import Path
 
 import torch
 
+from dpolab import adapters
 from dpolab import metrics as M
 from dpolab.batch import Batch, collate
 from dpolab.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dpolab.config import Config
+from dpolab.distributed import check_supported, full_state_dict
 from dpolab.errors import ConfigError
 from dpolab.evaluation import evaluate_examples
 from dpolab.logps import SequenceLogps
 from dpolab.objective import Objective
-from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
-                          make_accelerator, resolve_defaults)
+from dpolab.setup import (build_objective_for, build_reference, load_examples, load_tokenizer, make_accelerator,
+                          resolve_defaults)
 
 log = logging.getLogger("dpolab")
 
@@ -93,6 +95,7 @@ def train(config: Config) -> dict:
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
                           f"= {world} × {config.grad_accum}")
+    check_supported(accelerator, config.save_every, config.resume, config.grad_accum)
     if accelerator.is_main_process:
         prepare_output_dir(out, config.resume, config.overwrite)
     accelerator.wait_for_everyone()
@@ -105,13 +108,15 @@ def train(config: Config) -> dict:
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
 
     torch.manual_seed(config.seed)
-    model = load_model(config.model, config.trust_remote_code)
+    model = adapters.load_policy(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                 config.lora_target_modules, config.trust_remote_code)
     train_ref, eval_ref = build_reference(config, objective, model, train_examples, eval_examples, accelerator,
                                           tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = SequenceLogps(model, config.logits_chunk)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
@@ -174,8 +179,9 @@ def train(config: Config) -> dict:
     accelerator.wait_for_everyone()
     summary = {"steps": total_steps, "train_runtime_seconds": runtime, "train": last, "eval_before": eval_before,
                "eval": eval_after}
+    state = full_state_dict(accelerator, policy)  # every process: FSDP/ZeRO-3 gather the shards
     if accelerator.is_main_process:
-        save_final(out, unwrapped, tokenizer, config)
+        save_final(out, unwrapped, tokenizer, config, state)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.close()
         from dpolab.plots import plot_metrics
@@ -185,11 +191,17 @@ def train(config: Config) -> dict:
     return summary
 
 
-def save_final(out: Path, model, tokenizer, config: Config) -> None:
-    """``final/``: a Hugging Face model folder with tokenizer, plus what dpolab needs to score with it."""
+def save_final(out: Path, model, tokenizer, config: Config, state_dict=None) -> None:
+    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, plus what dpolab
+    needs to score with it; with ``merge_on_save`` also ``merged/``, the adapter folded into the base."""
     final = out / "final"
-    model.save_pretrained(final, safe_serialization=True)
+    if adapters.is_peft(model):
+        adapters.save_adapter(model, final, state_dict)
+    else:
+        model.save_pretrained(final, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(final)
     reference = config.ref_model or config.model
     (final / "dpolab.json").write_text(json.dumps({"reference": reference, "beta": config.beta,
                                                    "loss": config.loss}, indent=2))
+    if config.merge_on_save:
+        adapters.merge(str(final), str(out / "merged"), config.trust_remote_code)
