@@ -38,7 +38,12 @@ def make_accelerator(config: Config):
     # With no GPU (or other accelerator), Accelerate sets up a multi-process (gloo) group only when told to
     # use the CPU; otherwise every process of a torchrun launch would train alone on its own.
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not has_accelerator)
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not has_accelerator)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None:  # there is no DataLoader to infer it from (untested here: no DeepSpeed)
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
+            1, config.batch_size // (accelerator.num_processes * config.grad_accum))
+    return accelerator
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
