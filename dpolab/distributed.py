@@ -7,6 +7,7 @@ Every function here is called by *all* processes (they contain collectives), nev
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +28,11 @@ def engine(accelerator) -> str:
 def check_supported(accelerator, save_every: int, resume: bool, grad_accum: int) -> None:
     """Refuse loudly what dpolab does not do correctly under a sharding engine."""
     kind = engine(accelerator)
+    for asked in ("fsdp", "deepspeed"):
+        if os.environ.get(f"ACCELERATE_USE_{asked.upper()}", "").lower() == "true" and kind != asked:
+            raise ConfigError(f"the launch config asks for {asked.upper()} but Accelerate set up "
+                              f"{str(accelerator.distributed_type).split('.')[-1]} (Accelerate enables FSDP and "
+                              "DeepSpeed on GPU-class devices only, not on CPU); use a DDP config instead")
     if kind == "ddp":
         return
     if save_every or resume:
