@@ -62,12 +62,12 @@ def load_model(name: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights only. A PEFT adapter
     folder gives its base with the adapter merged in."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from dpolab import adapters
 
     if adapters.is_adapter_dir(name):
         return adapters.load_merged(name, trust_remote_code)
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
