@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from dpolab.errors import DpolabError
 
@@ -38,21 +38,22 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, keep: int,
-                    objective_state: dict | None = None, reference: torch.nn.Module | None = None) -> Path:
+                    extra: dict | None = None, reference: torch.nn.Module | None = None) -> Path:
     """Write ``root/step-{step}`` atomically and keep only the newest ``keep`` checkpoints. A reference
-    that training moves (TR-DPO) and the objective's running state are saved too."""
+    that training moves (TR-DPO) is saved too, and ``extra``: JSON state of the run (the objective's running
+    statistics, the token count)."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_file(_rng_state(), str(tmp / "rng.safetensors"))
         if reference is not None:
             save_model(reference, str(tmp / "reference.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "objective": objective_state or {}}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "extra": extra or {}}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -65,6 +66,12 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     return final
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights training changes: all of them, or with LoRA only the adapters (the frozen base is
+    reloaded from the model folder on resume, so a checkpoint stays small)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
@@ -73,16 +80,18 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, objective_state: dict | None = None,
-                    reference: torch.nn.Module | None = None) -> int:
-    """Restore everything saved by :func:`save_checkpoint`; return the step it was taken at."""
-    load_model(model, str(path / "model.safetensors"))
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
+                    reference: torch.nn.Module | None = None) -> tuple[int, dict]:
+    """Restore everything saved by :func:`save_checkpoint`; return the step it was taken at and ``extra``."""
+    state = load_file(str(path / "model.safetensors"))
+    missing = set(trainable_state(model)) - set(state)
+    if missing:
+        raise DpolabError(f"checkpoint {path} does not match the model: no weights for {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
     if reference is not None:
         load_model(reference, str(path / "reference.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(load_file(str(path / "rng.safetensors")))
     state = json.loads((path / "state.json").read_text())
-    if objective_state is not None:
-        objective_state.update(state.get("objective", {}))
-    return state["step"]
+    return state["step"], state.get("extra", {})

@@ -58,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--beta", type=float, default=0.1)
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--json", action="store_true", help="print reward and log-probs as JSON")
+
+    m = sub.add_parser("merge", help="fold a LoRA adapter (e.g. a LoRA run's final/) into its base weights")
+    m.add_argument("--adapter", required=True, metavar="DIR", help="a PEFT adapter folder (adapter_config.json)")
+    m.add_argument("--output", required=True, metavar="DIR", help="where to write the merged Hugging Face model")
+    m.add_argument("--trust-remote-code", action="store_true")
     return p
 
 
@@ -103,6 +108,11 @@ def run(argv: list[str] | None = None) -> int:
         result = dpolab.score(args.model, args.prompt, args.response, ref_model=args.ref_model, beta=args.beta,
                               trust_remote_code=args.trust_remote_code)
         print(json.dumps(result) if args.json else f"{result['reward']:.6f}")
+        return 0
+    if args.command == "merge":
+        from dpolab.adapters import merge
+
+        print(f"merged model in {merge(args.adapter, args.output, args.trust_remote_code)}")
         return 0
     return 2
 

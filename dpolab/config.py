@@ -84,6 +84,8 @@ class Config:
                                       "with no reference model in memory.")
     ref_cache_dir: str | None = opt(None, "Where precomputed reference log-probs are cached "
                                           "(default: OUTPUT_DIR/ref_cache).")
+    ref_device: str | None = opt(None, "Device of a reference model (a frozen copy or --ref-model), e.g. cpu to "
+                                       "keep it off the accelerator. Unset: the policy's device.")
     bf16: bool = opt(False, "bfloat16 autocast for forward and backward (weights and optimizer stay fp32).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     logits_chunk: int = opt(1024, "Completion tokens per chunk when turning hidden states into log-probs.")
@@ -91,10 +93,13 @@ class Config:
     allow_pickle_weights: bool = opt(False, "Also load weights from pickle files (.bin/.pt), which can run "
                                             "code when loaded; off: safetensors only.")
     # --- adapters (LoRA through PEFT); 0 = full fine-tuning
-    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.")
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights. The reference is then the model with its adapters "
+                         "off: no second copy. (A PEFT adapter folder as --model trains that adapter further.)")
     lora_alpha: float = opt(16.0, "LoRA scaling α.")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.")
     lora_target_modules: str = opt("all-linear", "Comma-separated module names, or all-linear.")
+    merge_on_save: bool = opt(False, "With LoRA: also write OUTPUT_DIR/merged, the adapter folded into the base "
+                                     "weights (a plain Hugging Face model); final/ keeps the adapter.")
     # --- run control
     eval_every: int = opt(0, "Evaluate every N optimizer steps (0: only before and after training).")
     save_every: int = opt(500, "Save a resumable checkpoint every N optimizer steps (0: never).")
@@ -150,6 +155,14 @@ class Config:
              f"--ref-model was given but {'reference_free' if self.reference_free else self.loss} uses no "
              "reference model")
         need(uses_ref or not self.precompute_ref, "precompute_ref needs a loss that uses a reference model")
+        need(uses_ref or self.ref_device is None, "ref_device is set but the loss uses no reference model")
+        from dpolab.adapters import is_adapter_dir
+
+        lora = self.lora_r > 0 or is_adapter_dir(self.model)
+        need(not (lora and self.ref_device and not self.ref_model),
+             "ref_device: with LoRA the reference is the policy itself with its adapters off, on the policy's "
+             "device; give --ref-model for a separate reference model")
+        need(lora or not self.merge_on_save, "merge_on_save needs LoRA (--lora-r > 0 or an adapter as --model)")
         need(len({LOSSES[n].data for n in names}) == 1, f"losses {self.loss} need different kinds of data")
         need(0 < self.exo_epsilon < 1, f"exo_epsilon must be in (0, 1), got {self.exo_epsilon}")
         need(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
@@ -158,6 +171,8 @@ class Config:
              "ref_model_mixup_alpha must be in (0, 1] and ref_model_sync_steps ≥ 1")
         need(min(self.desirable_weight, self.undesirable_weight) > 0, "KTO's weights must be > 0")
         if self.sync_ref_model:
+            need(not self.lora_r or self.ref_model, "sync_ref_model (TR-DPO) needs a reference model of its own; "
+                                                    "with LoRA the reference is the policy with adapters off")
             need(uses_ref, "sync_ref_model (TR-DPO) needs a loss with a reference model")
             need(not self.precompute_ref, "sync_ref_model (TR-DPO) updates the reference, so it cannot be "
                                           "precomputed: drop --precompute-ref")

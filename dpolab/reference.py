@@ -4,7 +4,8 @@ reference's per-sequence log-probs (S,), with no gradient:
 - :class:`ModelReference`: a frozen model (a copy of the initial policy, or ``--ref-model``);
 - :class:`CachedReference`: log-probs computed once by :func:`precompute` and stored on disk, keyed by
   :func:`cache_key`; no reference model is held while training;
-- :class:`NoReference`: zeros, for reference-free losses.
+- :class:`NoReference`: zeros, for reference-free losses;
+- :class:`dpolab.adapters.AdapterReference`: the policy itself with its LoRA adapters switched off.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,17 +30,22 @@ Tensor = torch.Tensor
 
 
 class ModelReference:
-    """A frozen model in eval mode, run under ``no_grad``."""
+    """A frozen model in eval mode, run under ``no_grad``, on ``device`` (default: where the batch is)."""
 
-    def __init__(self, model: torch.nn.Module, chunk: int = 1024, autocast=nullcontext, ld_alpha: float | None = None):
+    def __init__(self, model: torch.nn.Module, chunk: int = 1024, autocast=nullcontext, device=None,
+                 ld_alpha: float | None = None):
         model.eval().requires_grad_(False)
         self.logps = SequenceLogps(model, chunk, ld_alpha)
         self.autocast = autocast  # the policy's precision context, so that policy = reference at step 0
+        self.device = device
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Tensor:
+        where = batch.input_ids.device
+        if self.device is not None and torch.device(self.device) != where:
+            batch = batch.to(self.device)  # e.g. a reference kept in CPU memory, off the GPU
         with self.autocast():
-            return self.logps(**batch.model_inputs()).float()
+            return self.logps(**batch.model_inputs()).float().to(where)
 
 
 class CachedReference:
@@ -88,35 +95,61 @@ def cache_key(reference: str, examples: list[Example], settings: dict) -> str:
 
 
 @torch.no_grad()
-def compute_table(reference: ModelReference, examples: list[Example], pad_id: int, batch_size: int,
-                  device: torch.device, progress: bool = False) -> Tensor:
-    """Reference log-probs of every example: (num_examples, K) in example-index order."""
+def compute_table(reference, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
+                  progress: bool = False, rank: int = 0, world: int = 1) -> Tensor:
+    """Reference log-probs (num_examples, K) in example-index order, of this process's share of the rows.
+
+    Process ``rank`` of ``world`` computes examples rank, rank + world, ...; the other rows stay 0, so the
+    sum of every process's table over processes is the whole table. Every process runs the same number
+    of batches (a short share repeats its own last example), so a sharded reference's collectives match.
+    """
     from tqdm.auto import tqdm
 
     K = len(examples[0].completion_ids)
     table = torch.zeros(len(examples), K)
-    starts = range(0, len(examples), batch_size)
-    for i in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
-        chunk = examples[i: i + batch_size]
-        batch = collate(chunk, pad_id).to(device)
-        table[batch.example_ids.cpu()] = reference(batch).float().cpu().view(-1, K)
+    mine = list(range(rank, len(examples), world))
+    per_process = math.ceil(len(examples) / world)
+    order = mine + [mine[-1] if mine else 0] * (per_process - len(mine))  # padding, never written
+    for i in tqdm(range(0, per_process, batch_size), desc="reference log-probs", disable=not progress, leave=False):
+        batch = collate([examples[j] for j in order[i: i + batch_size]], pad_id).to(device)
+        logps = reference(batch).float().cpu().view(-1, K)  # (B, K)
+        owned = max(0, min(batch_size, len(mine) - i))
+        table[batch.example_ids[:owned].cpu()] = logps[:owned]
     return table
 
 
-def load_or_compute(cache_dir: Path, key: str, compute) -> Tensor:
-    """Return the cached table for ``key``, or compute it, write it atomically, and return it."""
-    path = cache_dir / f"ref-logps-{key[:24]}.safetensors"
-    if path.exists():
-        try:
-            tensors = load_file(str(path))
-            log.info("using cached reference log-probs %s", path)
-            return tensors["logps"]
-        except Exception as e:  # a damaged cache is recomputed, not trusted
-            log.warning("ignoring unreadable reference cache %s (%s)", path, e)
-    table = compute()
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"ref-logps-{key[:24]}.safetensors"
+
+
+def read_cache(cache_dir: Path, key: str) -> Tensor | None:
+    """The cached table for ``key``, or None if there is none (or it is unreadable)."""
+    path = cache_path(cache_dir, key)
+    if not path.exists():
+        return None
+    try:
+        table = load_file(str(path))["logps"]
+        log.info("using cached reference log-probs %s", path)
+        return table
+    except Exception as e:  # a damaged cache is recomputed, not trusted
+        log.warning("ignoring unreadable reference cache %s (%s)", path, e)
+        return None
+
+
+def write_cache(cache_dir: Path, key: str, table: Tensor) -> None:
+    """Write the table atomically."""
+    path = cache_path(cache_dir, key)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"logps": table.contiguous()}, str(tmp), metadata={"key": key})
     os.replace(tmp, path)
     log.info("cached reference log-probs in %s", path)
+
+
+def load_or_compute(cache_dir: Path, key: str, compute) -> Tensor:
+    """Return the cached table for ``key``, or compute it, write it atomically, and return it."""
+    table = read_cache(cache_dir, key)
+    if table is None:
+        table = compute()
+        write_cache(cache_dir, key, table)
     return table

@@ -13,8 +13,7 @@ from dpolab.config import Config
 from dpolab.data import load_records, split_records, unpair_records
 from dpolab.errors import ConfigError, DpolabError
 from dpolab.objective import Objective, build_objective
-from dpolab.reference import (CachedReference, ModelReference, NoReference, cache_key, compute_table,
-                              load_or_compute, model_fingerprint)
+from dpolab.reference import CachedReference, ModelReference, NoReference, cache_key, compute_table
 from dpolab.tokenization import Example, add_mismatched_completions, tokenize_records
 
 log = logging.getLogger("dpolab")
@@ -41,7 +40,15 @@ def make_accelerator(config: Config):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision="bf16" if config.bf16 else "no")
+    # With no GPU (or other accelerator), Accelerate sets up a multi-process (gloo) group only when told to
+    # use the CPU; otherwise every process of a torchrun launch would train alone on its own.
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not has_accelerator)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None:  # there is no DataLoader to infer it from (untested here: no DeepSpeed)
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
+            1, config.batch_size // (accelerator.num_processes * config.grad_accum))
+    return accelerator
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -57,9 +64,15 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
-    """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights unless ``allow_pickle``."""
+    """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights unless ``allow_pickle``.
+    A PEFT adapter folder gives its base with the adapter merged in."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from dpolab import adapters
+
+    if adapters.is_adapter_dir(name):
+        return adapters.load_merged(name, trust_remote_code)
 
     hf_logging.disable_progress_bar()
     try:
@@ -139,20 +152,40 @@ def prepare_records(config: Config, records):
 
 def build_reference(config: Config, objective: Objective, model, train_examples: list[Example],
                     eval_examples: list[Example], accelerator, pad_id: int):
-    """(training reference, evaluation reference) by the strategy the config selects (SPEC §5)."""
+    """(training reference, evaluation reference) by the strategy the config selects (SPEC §5).
+
+    ``model`` is the policy before ``accelerator.prepare``. The live strategies: ``--ref-model``, a frozen
+    copy of the initial policy, or (LoRA) the policy with its adapters off. With ``--precompute-ref`` one of
+    these computes the log-probs once, split over the processes, and is then dropped; the initial policy
+    itself serves for that, so no copy is made.
+    """
+    from dpolab import adapters
+    from dpolab.distributed import shared_table
+
     if not objective.needs_ref or config.reference_free:
         return NoReference(), NoReference()
-    ref_name = config.ref_model or config.model
+    device = config.ref_device or accelerator.device
+    flags = [p.requires_grad for p in model.parameters()]  # the policy itself may serve to precompute
+    lora_reference = adapters.is_peft(model) and not config.ref_model
+    if lora_reference and config.ref_device:
+        raise ConfigError("--ref-device needs a reference model of its own: with LoRA the reference is the "
+                          "policy itself with its adapters off")
     if config.ref_model:
         ref_model = load_model(config.ref_model, config.trust_remote_code, config.allow_pickle_weights)
+        reference = ModelReference(ref_model.to(device), config.logits_chunk, accelerator.autocast, device,
+                                   config.ld_alpha)
+    elif lora_reference:
+        reference = adapters.AdapterReference(model.to(accelerator.device), config.logits_chunk, accelerator.autocast)
+    elif config.precompute_ref:
+        reference = ModelReference(model.to(device), config.logits_chunk, accelerator.autocast, device,
+                                   config.ld_alpha)
     else:
-        ref_model = copy.deepcopy(model)  # the initial policy, frozen
-    reference = ModelReference(ref_model.to(accelerator.device), config.logits_chunk, accelerator.autocast,
-                               config.ld_alpha)
+        reference = ModelReference(copy.deepcopy(model).to(device), config.logits_chunk, accelerator.autocast,
+                                   device, config.ld_alpha)
     if not config.precompute_ref:
         return reference, reference
     cache_dir = Path(config.ref_cache_dir or Path(config.output_dir) / "ref_cache")
-    identity = model_fingerprint(ref_name)
+    identity = adapters.reference_identity(config.ref_model or config.model)
     settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "bf16": config.bf16,
                 "ld_alpha": config.ld_alpha}
     tables = []
@@ -160,13 +193,13 @@ def build_reference(config: Config, objective: Objective, model, train_examples:
         if not examples:
             tables.append(None)
             continue
-        key = cache_key(identity, examples, settings)
-        compute = lambda ex=examples: compute_table(reference, ex, pad_id, config.batch_size, accelerator.device,
-                                                    config.progress and accelerator.is_main_process)
-        if accelerator.is_main_process:
-            tables.append(load_or_compute(cache_dir, key, compute))
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            tables.append(load_or_compute(cache_dir, key, compute))
-    del reference, ref_model  # train with no reference model in memory
+        share = lambda ex=examples: compute_table(reference, ex, pad_id, config.batch_size, device,
+                                                  config.progress and accelerator.is_main_process,
+                                                  accelerator.process_index, accelerator.num_processes)
+        shape = (len(examples), len(examples[0].completion_ids))
+        tables.append(shared_table(accelerator, cache_dir, cache_key(identity, examples, settings), shape, share))
+    for p, f in zip(model.parameters(), flags):
+        p.requires_grad_(f)
+    model.train()
+    del reference  # train with no reference model in memory
     return CachedReference(tables[0]), CachedReference(tables[1]) if tables[1] is not None else None

@@ -20,18 +20,20 @@ from pathlib import Path
 
 import torch
 
+from dpolab import adapters
 from dpolab import metrics as M
 from dpolab.batch import Batch, collate
 from dpolab.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dpolab.config import Config
+from dpolab.distributed import check_supported, full_state_dict
 from dpolab.errors import ConfigError, Interrupted
 from dpolab.evaluation import evaluate_examples
 from dpolab.guard import NonFiniteGuard, StopSignals
 from dpolab.logps import SequenceLogps
 from dpolab.losses import tr_dpo_update_
 from dpolab.objective import Objective
-from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
-                          make_accelerator, resolve_defaults)
+from dpolab.setup import (build_objective_for, build_reference, load_examples, load_tokenizer, make_accelerator,
+                          resolve_defaults)
 
 log = logging.getLogger("dpolab")
 
@@ -103,6 +105,7 @@ def train(config: Config) -> dict:
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
                           f"= {world} × {config.grad_accum}")
+    check_supported(accelerator, config.save_every, config.resume, config.grad_accum)
     check_output_dir(out, config.resume, config.overwrite)
     objective = build_objective_for(config, accelerator.gather)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
@@ -116,13 +119,15 @@ def train(config: Config) -> dict:
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
 
     torch.manual_seed(config.seed)
-    model = load_model(config.model, config.trust_remote_code, config.allow_pickle_weights)
+    model = adapters.load_policy(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                 config.lora_target_modules, config.trust_remote_code, config.allow_pickle_weights)
     train_ref, eval_ref = build_reference(config, objective, model, train_examples, eval_examples, accelerator,
                                           tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = SequenceLogps(model, config.logits_chunk, config.ld_alpha)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
@@ -132,10 +137,12 @@ def train(config: Config) -> dict:
 
     # TR-DPO moves the reference, so it is part of the training state.
     synced_ref = train_ref.logps.model if config.sync_ref_model else None
-    start = 0
+    start, tokens_seen = 0, 0.0
     checkpoints = list_checkpoints(out / "checkpoints")
     if config.resume and checkpoints:
-        start = load_checkpoint(checkpoints[-1], unwrapped, optimizer, scheduler, objective.state, synced_ref)
+        start, extra = load_checkpoint(checkpoints[-1], unwrapped, optimizer, scheduler, synced_ref)
+        objective.state.update(extra.get("objective", {}))
+        tokens_seen = extra.get("num_tokens", 0.0)
         log.info("resuming from %s", checkpoints[-1])
     elif config.resume:
         log.info("no checkpoint in %s: starting from the beginning", out / "checkpoints")
@@ -165,10 +172,11 @@ def train(config: Config) -> dict:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             saved.append(str(save_checkpoint(out / "checkpoints", step, unwrapped, optimizer, scheduler,
-                                             config.save_total_limit, objective.state, synced_ref)))
+                                             config.save_total_limit,
+                                             {"objective": objective.state, "num_tokens": tokens_seen}, synced_ref)))
         accelerator.wait_for_everyone()
 
-    t_start, tokens_seen, last = time.perf_counter(), 0.0, {}
+    t_start, last = time.perf_counter(), {}
     with StopSignals() as signals:
         for step in range(start, total_steps):
             t0 = time.perf_counter()
@@ -206,8 +214,9 @@ def train(config: Config) -> dict:
     summary = {"steps": total_steps, "skipped_steps": guard.total, "train_runtime_seconds": runtime,
                "train": last, "eval_before": eval_before, "eval": eval_after}
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, policy)  # every process: FSDP/ZeRO-3 gather the shards
     if accelerator.is_main_process:
-        save_final(out, unwrapped, tokenizer, config)
+        save_final(out, unwrapped, tokenizer, config, state)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.close()
         from dpolab.plots import plot_metrics
@@ -217,12 +226,16 @@ def train(config: Config) -> dict:
     return summary
 
 
-def save_final(out: Path, model, tokenizer, config: Config) -> None:
-    """``final/``: a Hugging Face model folder with tokenizer, plus what dpolab needs to score with it.
+def save_final(out: Path, model, tokenizer, config: Config, state_dict=None) -> None:
+    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, plus what dpolab
+    needs to score with it; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
     Written beside and renamed into place, so a crash never leaves a half-written ``final/``."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if adapters.is_peft(model):
+        adapters.save_adapter(model, tmp, state_dict)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     reference = config.ref_model or config.model
     if Path(reference).exists():
@@ -231,3 +244,5 @@ def save_final(out: Path, model, tokenizer, config: Config) -> None:
                                                  "loss": config.loss}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    if config.merge_on_save:
+        adapters.merge(str(final), str(out / "merged"), config.trust_remote_code)
