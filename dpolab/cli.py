@@ -50,6 +50,29 @@ def parser() -> argparse.ArgumentParser:
     add_flags(e, EVAL_FIELDS + extra_loss_params())
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    m = sub.add_parser("make-pairs", help="sample answers from a model, score them with a reward function, "
+                                          "and pair a better answer with a worse one (on-policy preference data)")
+    m.add_argument("--model", required=True, help="the model to sample from (folder or hub name)")
+    m.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or .txt with one prompt per line")
+    m.add_argument("--reward", required=True, help="module:function taking (prompt, completion) → float, "
+                                                    "or a built-in task name")
+    m.add_argument("--output", required=True, help="JSONL file to write (prompt, chosen, rejected, scores)")
+    m.add_argument("--num-samples", type=int, default=4, help="answers sampled per prompt (default: 4)")
+    m.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--max-new-tokens", type=int, default=64)
+
+    k = sub.add_parser("task-eval", help="task reward (sampled and greedy) and KL of a model against its "
+                                         "reference on a task's held-out prompts")
+    k.add_argument("--model", required=True)
+    k.add_argument("--ref-model", help="default: the reference recorded in a dpolab final/ folder")
+    k.add_argument("--task", required=True, help="built-in task name or module:function")
+    k.add_argument("--num-prompts", type=int, default=200)
+    k.add_argument("--num-samples", type=int, default=4)
+    k.add_argument("--max-new-tokens", type=int, default=64)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--json", action="store_true")
+
     s = sub.add_parser("score", help="the implicit reward β·log(π/π_ref) of one response")
     s.add_argument("--model", required=True)
     s.add_argument("--ref-model", help="default: the reference recorded in a dpolab final/ folder")
@@ -88,6 +111,10 @@ def run(argv: list[str] | None = None) -> int:
         config = load_config(args.config, given(args, FIELDS))
         summary = dpolab.train(config)
         ev = summary.get("eval") or {}
+        if "task_reward_after" in summary or ev:
+            from dpolab.task_eval import format_table
+
+            print(format_table(summary))
         print(f"done: {summary['steps']} steps in {summary['train_runtime_seconds']:.1f}s; output in "
               f"{config.output_dir}" + (f"; held-out reward accuracy {ev['eval/rewards/accuracies']:.3f}, "
                                         f"margin {ev['eval/rewards/margins']:.4f}" if ev else ""))
@@ -103,6 +130,28 @@ def run(argv: list[str] | None = None) -> int:
         else:
             for k, v in result.items():
                 print(f"{k:28s} {v:.6f}")
+        return 0
+    if args.command == "make-pairs":
+        from dpolab.pairs import make_pairs_cli
+
+        try:
+            n = make_pairs_cli(args.model, args.prompts, args.reward, args.output, args.num_samples,
+                               args.temperature, args.seed, args.max_new_tokens)
+        except ValueError as e:  # make-pairs reports bad prompts files and reward specs as ValueError
+            raise DpolabError(str(e)) from None
+        print(f"wrote {n} pairs to {args.output}")
+        return 0
+    if args.command == "task-eval":
+        from dpolab.task_eval import evaluate_task
+
+        result = evaluate_task(args.model, args.task, args.ref_model, args.num_prompts, args.num_samples,
+                               args.seed, args.max_new_tokens)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            from dpolab.task_eval import format_table
+
+            print(format_table(result))
         return 0
     if args.command == "score":
         result = dpolab.score(args.model, args.prompt, args.response, ref_model=args.ref_model, beta=args.beta,

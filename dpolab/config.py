@@ -31,7 +31,10 @@ class Config:
                                   "0 turns it off.")
     output_dir: str = opt("runs/dpolab", "Where the run writes config, metrics, checkpoints, final model, plots.")
     task: str | None = opt(None, "A task (built-in name or module:function) whose reward scores sampled "
-                                 "answers before and after training.")
+                                 "answers of the reference and of the trained policy on held-out prompts.")
+    task_prompts: int = opt(200, "Held-out task prompts to score.")
+    task_samples: int = opt(4, "Answers sampled per task prompt (temperature 1).")
+    task_max_new_tokens: int = opt(64, "Longest sampled answer in tokens.")
     # --- the objective
     loss: str = opt("sigmoid", "Loss name, or comma-separated names combined with --loss-weights "
                                "(see docs/losses.md).")
@@ -170,6 +173,8 @@ class Config:
         need(0 < self.ref_model_mixup_alpha <= 1 and self.ref_model_sync_steps >= 1,
              "ref_model_mixup_alpha must be in (0, 1] and ref_model_sync_steps ≥ 1")
         need(min(self.desirable_weight, self.undesirable_weight) > 0, "KTO's weights must be > 0")
+        need(min(self.task_prompts, self.task_samples, self.task_max_new_tokens) >= 1,
+             "task_prompts, task_samples and task_max_new_tokens must be ≥ 1")
         if self.sync_ref_model:
             need(not self.lora_r or self.ref_model, "sync_ref_model (TR-DPO) needs a reference model of its own; "
                                                     "with LoRA the reference is the policy with adapters off")

@@ -32,7 +32,8 @@ from dpolab.guard import NonFiniteGuard, StopSignals
 from dpolab.logps import SequenceLogps
 from dpolab.losses import tr_dpo_update_
 from dpolab.objective import Objective
-from dpolab.setup import (build_objective_for, build_reference, load_examples, load_tokenizer, make_accelerator,
+from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
+                          make_accelerator,
                           resolve_defaults)
 
 log = logging.getLogger("dpolab")
@@ -107,6 +108,7 @@ def train(config: Config) -> dict:
                           f"= {world} × {config.grad_accum}")
     check_supported(accelerator, config.save_every, config.resume, config.grad_accum)
     check_output_dir(out, config.resume, config.overwrite)
+    task = load_task_or_refuse(config.task)
     objective = build_objective_for(config, accelerator.gather)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_examples, eval_examples = load_examples(config, tokenizer)
@@ -213,6 +215,10 @@ def train(config: Config) -> dict:
     runtime = time.perf_counter() - t_start
     summary = {"steps": total_steps, "skipped_steps": guard.total, "train_runtime_seconds": runtime,
                "train": last, "eval_before": eval_before, "eval": eval_after}
+    if task is not None and accelerator.is_main_process:
+        summary |= run_task_report(config, task, unwrapped, tokenizer)
+    if eval_after:
+        summary["eval_reward_accuracy"] = eval_after["eval/rewards/accuracies"]
     accelerator.wait_for_everyone()
     state = full_state_dict(accelerator, policy)  # every process: FSDP/ZeRO-3 gather the shards
     if accelerator.is_main_process:
@@ -224,6 +230,30 @@ def train(config: Config) -> dict:
         plot_metrics(out / "metrics.jsonl", out / "plots")
     accelerator.wait_for_everyone()
     return summary
+
+
+def load_task_or_refuse(spec: str | None):
+    if spec is None:
+        return None
+    from dpolab.tasks import load_task
+
+    try:
+        return load_task(spec)
+    except ValueError as e:
+        raise ConfigError(f"task: {e}") from None
+
+
+def run_task_report(config: Config, task, policy, tokenizer) -> dict[str, float]:
+    """Task reward of the reference and of the trained policy, same prompts and seeds; KL from samples."""
+    from dpolab.task_eval import before_after, task_report
+
+    reference = load_model(config.ref_model or config.model, config.trust_remote_code, config.allow_pickle_weights)
+    reference.to(next(policy.parameters()).device)
+    args = dict(num_prompts=config.task_prompts, num_samples=config.task_samples, seed=config.seed,
+                max_new_tokens=config.task_max_new_tokens)
+    before = task_report(reference, reference, tokenizer, task, **args)
+    after = task_report(policy, reference, tokenizer, task, **args)
+    return before_after(before, after)
 
 
 def save_final(out: Path, model, tokenizer, config: Config, state_dict=None) -> None:

@@ -1,0 +1,100 @@
+"""Held-out quality with a task: the task reward of sampled and greedy answers, and KL(π ‖ π_ref).
+
+The sampled mean (temperature 1, several answers per prompt) is the expected reward the RLHF objective
+maximises; greedy decoding is what a user usually sees. KL(π ‖ π_ref) is estimated from the same sampled
+answers y ~ π as the mean of log π(y|x) − log π_ref(y|x), each sum taken by the training log-prob function
+(plain-text tokenisation, EOS counted when the answer ended).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpolab.batch import collate
+from dpolab.logps import SequenceLogps
+from dpolab.tokenization import Example
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, tokenizer, prompts: list[str], samples, batch_size: int = 64) -> float:
+    """Monte-Carlo KL(π ‖ π_ref) from answers sampled from π (``samples`` from :func:`dpolab.generate.sample`)."""
+    examples = []
+    for prompt, answers, finished in zip(prompts, samples.completions, samples.finished):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        for text, done in zip(answers, finished):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if done else [])
+            if ids:
+                examples.append(Example(len(examples), prompt_ids, [ids]))
+    if not examples:
+        return 0.0
+    device = next(policy.parameters()).device
+    pi, ref = SequenceLogps(policy), SequenceLogps(reference)
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i: i + batch_size], tokenizer.pad_token_id).to(device)
+        inputs = batch.model_inputs()
+        total += (pi(**inputs) - ref(**inputs)).sum().item()
+    return total / len(examples)
+
+
+def task_report(policy, reference, tokenizer, task, num_prompts: int, num_samples: int, seed: int,
+                max_new_tokens: int) -> dict[str, float]:
+    """``task_reward`` (sampled, temperature 1), ``task_reward_greedy`` and ``kl`` on held-out prompts."""
+    from dpolab.generate import task_scores
+
+    prompts = list(task.eval_prompts[:num_prompts])
+    was_training = policy.training
+    policy.eval()
+    scores = task_scores(policy, tokenizer, task.reward, prompts, num_samples=num_samples, temperature=1.0,
+                         seed=seed, max_new_tokens=max_new_tokens)
+    kl = 0.0 if reference is policy else sampled_kl(policy, reference, tokenizer, prompts, scores.samples)
+    policy.train(was_training)
+    return {"task_reward": scores.sampled_reward, "task_reward_greedy": scores.greedy_reward, "kl": kl}
+
+
+def before_after(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The summary keys of a run with a task."""
+    return {"task_reward_before": before["task_reward"], "task_reward_after": after["task_reward"],
+            "task_reward_greedy_before": before["task_reward_greedy"],
+            "task_reward_greedy_after": after["task_reward_greedy"], "kl": after["kl"]}
+
+
+def format_table(summary: dict) -> str:
+    """The before/after table printed at the end of a run."""
+    rows = [("task reward, sampled (T = 1)", "task_reward_before", "task_reward_after"),
+            ("task reward, greedy", "task_reward_greedy_before", "task_reward_greedy_after")]
+    lines = [f"{'held-out':32s} {'reference':>10s} {'trained':>10s}"]
+    for label, b, a in rows:
+        if b in summary:
+            lines.append(f"{label:32s} {summary[b]:10.3f} {summary[a]:10.3f}")
+    ev, before = summary.get("eval") or {}, summary.get("eval_before") or {}
+    for label, key in (("reward accuracy", "eval/rewards/accuracies"), ("reward margin", "eval/rewards/margins")):
+        if key in ev:
+            lines.append(f"{label:32s} {before.get(key, float('nan')):10.3f} {ev[key]:10.3f}")
+    if "kl" in summary:
+        lines.append(f"{'KL(policy ‖ reference), nats':32s} {0.0:10.3f} {summary['kl']:10.3f}")
+    return "\n".join(lines)
+
+
+def evaluate_task(model: str, task: str, ref_model: str | None = None, num_prompts: int = 200,
+                  num_samples: int = 4, seed: int = 0, max_new_tokens: int = 64) -> dict[str, float]:
+    """Task reward of ``ref_model`` (before) and ``model`` (after), and KL(model ‖ ref_model), on the task's
+    held-out prompts; the reference defaults to the one a dpolab ``final/`` folder records."""
+    from dpolab.errors import ConfigError
+    from dpolab.evaluation import default_reference
+    from dpolab.setup import load_model, load_tokenizer
+    from dpolab.tasks import load_task
+
+    try:
+        task_obj = load_task(task)
+    except ValueError as e:
+        raise ConfigError(f"task: {e}") from None
+    ref_name = ref_model or default_reference(model)
+    if ref_name is None:
+        raise ConfigError("task-eval needs --ref-model (or a dpolab final/ folder that records its reference)")
+    tokenizer = load_tokenizer(model)
+    policy, reference = load_model(model), load_model(ref_name)
+    args = dict(num_prompts=num_prompts, num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens)
+    before = task_report(reference, reference, tokenizer, task_obj, **args)
+    after = task_report(policy, reference, tokenizer, task_obj, **args)
+    return before_after(before, after)
