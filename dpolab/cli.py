@@ -61,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--max-new-tokens", type=int, default=64)
+    m.add_argument("--trust-remote-code", action="store_true")
 
     k = sub.add_parser("task-eval", help="task reward (sampled and greedy) and KL of a model against its "
                                          "reference on a task's held-out prompts")
@@ -132,13 +133,10 @@ def run(argv: list[str] | None = None) -> int:
                 print(f"{k:28s} {v:.6f}")
         return 0
     if args.command == "make-pairs":
-        from dpolab.pairs import make_pairs_cli
+        from dpolab.pairs import make_pairs
 
-        try:
-            n = make_pairs_cli(args.model, args.prompts, args.reward, args.output, args.num_samples,
-                               args.temperature, args.seed, args.max_new_tokens)
-        except ValueError as e:  # make-pairs reports bad prompts files and reward specs as ValueError
-            raise DpolabError(str(e)) from None
+        n = make_pairs(args.model, args.prompts, args.reward, args.output, args.num_samples, args.temperature,
+                       args.seed, args.max_new_tokens, args.trust_remote_code)
         print(f"wrote {n} pairs to {args.output}")
         return 0
     if args.command == "task-eval":

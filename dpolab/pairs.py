@@ -1,0 +1,105 @@
+"""On-policy preference pairs: sample answers from a model, score them, pair a better with a worse one.
+
+This is how Tülu 3 built its on-policy preference data, with a program in place of the judge: for each
+prompt, draw several answers from the model itself, score each with a reward function, and, where the
+scores differ, pair an answer of the highest score (chosen) with one of the lowest (rejected), ties broken
+by a seeded draw. Prompts whose answers all score the same give no pair. Rows are written in the standard
+format with the scores, so ODPO's ``margin`` can be derived from ``score_chosen − score_rejected``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+
+def pair_rows(prompts, completions: list[list[str]], scores: list[list[float]], seed: int = 0) -> list[dict]:
+    """One ``{prompt, chosen, rejected, score_chosen, score_rejected}`` row per prompt whose scores differ.
+
+    >>> pair_rows(["1+1="], [["2", "3", "2"]], [[1.0, 0.0, 1.0]], seed=0)
+    [{'prompt': '1+1=', 'chosen': '2', 'rejected': '3', 'score_chosen': 1.0, 'score_rejected': 0.0}]
+    """
+    rng = random.Random(seed)
+    rows = []
+    for prompt, answers, s in zip(prompts, completions, scores):
+        hi, lo = max(s), min(s)
+        if hi == lo:
+            continue
+        chosen = rng.choice([a for a, v in zip(answers, s) if v == hi])
+        rejected = rng.choice([a for a, v in zip(answers, s) if v == lo])
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": hi,
+                     "score_rejected": lo})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write atomically: a temporary file beside ``path``, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_prompts(path: str) -> list:
+    """Prompts from a ``.txt`` file (one per line) or JSONL / JSON rows with a ``prompt`` field (a string or
+    a list of chat messages)."""
+    from dpolab.data import iter_rows
+    from dpolab.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: no such file")
+    if p.suffix.lower() == ".txt":
+        prompts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts = []
+        for where, row in iter_rows(path):
+            if isinstance(row, Exception):
+                raise row
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if not (isinstance(prompt, str) and prompt) and not isinstance(prompt, list):
+                raise DataError(f"{where}: field 'prompt' must be a non-empty string or a list of messages")
+            prompts.append(prompt)
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def make_pairs(model: str, prompts: str, reward: str, output: str, num_samples: int = 4, temperature: float = 1.0,
+               seed: int = 0, max_new_tokens: int = 64, trust_remote_code: bool = False) -> int:
+    """Sample ``num_samples`` answers per prompt of the file ``prompts`` from ``model``, score them with
+    ``reward`` (``module:function`` or a built-in task name), write the pairs to ``output``; return their
+    number."""
+    from dpolab.errors import ConfigError
+    from dpolab.generate import sample
+    from dpolab.setup import load_model, load_tokenizer
+    from dpolab.tasks import load_reward
+
+    if num_samples < 2:
+        raise ConfigError("make-pairs needs --num-samples ≥ 2 to have two answers to compare")
+    if temperature <= 0:
+        raise ConfigError("make-pairs samples: --temperature must be > 0")
+    try:
+        reward_fn = load_reward(reward)
+    except ValueError as e:
+        raise ConfigError(f"--reward: {e}") from None
+    texts = read_prompts(prompts)
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    policy = load_model(model, trust_remote_code)
+    drawn = sample(policy, tokenizer, texts, num_samples, temperature, seed, max_new_tokens)
+    scores = []
+    for prompt, answers in zip(texts, drawn.completions):
+        row = []
+        for a in answers:
+            try:
+                row.append(float(reward_fn(prompt, a)))
+            except Exception as e:  # the user's function failed: say where, not a traceback
+                raise ConfigError(f"--reward {reward} failed on prompt {prompt!r}, answer {a!r}: "
+                                  f"{type(e).__name__}: {e}") from None
+        scores.append(row)
+    rows = pair_rows(texts, drawn.completions, scores, seed)
+    write_jsonl(Path(output), rows)
+    return len(rows)
