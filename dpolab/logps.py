@@ -4,6 +4,12 @@ The decoder runs once over the batch; the LM head is applied only at the scored 
 that predict a completion token), in chunks of ``chunk`` tokens, so the [N, T, V] fp32 logits never
 exist. With gradients on, each chunk is checkpointed: backward recomputes that chunk's logits instead of
 keeping every chunk's alive, so peak logits memory is one chunk × V, whatever the sequence length.
+
+Layouts that put several sequences in a row (:mod:`dpolab.batch`) describe who sees whom by segment and
+branch ids; :data:`ATTENTION_MASKS` turns them into the mask form the model's attention implementation
+takes. Transformers passes a 4D mask to the attention function untouched, so the form matters: SDPA reads
+a bool mask (True = attend) in any dtype, eager *adds* the mask to the scores (a bool mask there would
+silently attend everywhere), FlexAttention takes a ``BlockMask`` and skips the blocks it masks out.
 """
 
 from __future__ import annotations
@@ -12,7 +18,51 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpolab.batch import dense_visible, visible
+from dpolab.errors import ConfigError
+
 Tensor = torch.Tensor
+
+
+def bool_mask(segment_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, 1, T, T) bool: SDPA's form. Dtype-free, so the same under bf16 autocast and on any device."""
+    return dense_visible(segment_ids, branch_ids)
+
+
+def additive_mask(segment_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, 1, T, T) float: 0 where visible, the dtype's lowest value elsewhere (eager's form, as
+    transformers builds it: finite, so a row's softmax never sees only −inf)."""
+    hidden = ~dense_visible(segment_ids, branch_ids)
+    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(hidden, torch.finfo(dtype).min)
+
+
+def flex_block_mask(segment_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype):
+    """A FlexAttention ``BlockMask`` from the same rule, evaluated lazily per (query, key) block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return visible(segment_ids[b, q], branch_ids[b, q], segment_ids[b, kv], branch_ids[b, kv], q, kv)
+
+    N, T = segment_ids.shape
+    return create_block_mask(mask_mod, B=N, H=None, Q_LEN=T, KV_LEN=T, device=segment_ids.device)
+
+
+# The one place an attention implementation name is looked up: its form of a custom mask.
+ATTENTION_MASKS = {"sdpa": bool_mask, "eager": additive_mask, "flex_attention": flex_block_mask}
+
+
+def attention_mask_for(config, segment_ids: Tensor, branch_ids: Tensor, position_ids: Tensor,
+                       dtype: torch.dtype):
+    """The mask for a model with this ``config``; refuses what a custom mask cannot express."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ATTENTION_MASKS:
+        raise ConfigError(f"the prefix and packed layouts need an attention implementation that takes a custom "
+                          f"mask ({', '.join(ATTENTION_MASKS)}); this model uses {impl}: pass --layout padded")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and int(position_ids.max()) + 1 >= window:
+        raise ConfigError(f"sequences reach the model's sliding window ({window} tokens), which a custom mask "
+                          "does not apply: pass --layout padded")
+    return ATTENTION_MASKS[impl](segment_ids, branch_ids, dtype)
 
 
 def token_logps(hidden: Tensor, tokens: Tensor, head: nn.Module, softcap: float | None, scale: float | None) -> Tensor:
@@ -40,15 +90,21 @@ class SequenceLogps(nn.Module):
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.scale = getattr(config, "logit_scale", None)
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        """Final hidden states (N, T, H) from the decoder, without the LM head."""
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                      segment_ids: Tensor | None = None, branch_ids: Tensor | None = None) -> Tensor:
+        """Final hidden states (N, T, H) from the decoder, without the LM head. With segment and branch ids
+        the model gets the 4D mask they define instead of the 2D padding mask."""
+        if segment_ids is not None:
+            attention_mask = attention_mask_for(self.model.config, segment_ids, branch_ids, position_ids,
+                                                self.model.dtype)
         decoder = self.model.get_decoder()
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, score_pos: Tensor,
-                score_tok: Tensor, score_seq: Tensor, num_sequences: int) -> Tensor:
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)  # (N, T, H)
+                score_tok: Tensor, score_seq: Tensor, num_sequences: int, segment_ids: Tensor | None = None,
+                branch_ids: Tensor | None = None) -> Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, branch_ids)  # (N, T, H)
         hidden = hidden.reshape(-1, hidden.shape[-1])[score_pos]  # (M, H): only the scored positions
         head = self.model.get_output_embeddings()
         pieces = []
