@@ -65,40 +65,54 @@ class Tokenizer:
                             "give plain-text rows or a model whose tokenizer has a chat_template")
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-    def completion(self, prompt, completion, prompt_ids: list[int], where: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, completion ids) for one completion; the prompt ids change only on the fallback."""
+    def split(self, prompt, completions: list, prompt_ids: list[int], where: str) -> tuple[list[int], list[list[int]]]:
+        """(prompt ids shared by every completion, ids of each completion). The prompt ids change only on the
+        unstable-template fallback, and then once for all completions: the longest token prefix common to
+        the rendered prompt and every rendered prompt + completion, so no completion keeps a prompt token
+        another one lost."""
         if not isinstance(prompt, list):
-            ids = _ids(self.tok, completion, False)
-            if not ids or ids[-1] != self.tok.eos_token_id:
-                ids.append(self.tok.eos_token_id)
-            return prompt_ids, ids
+            return prompt_ids, [self._plain_completion(c) for c in completions]
         rendered_prompt = self._chat(prompt, generation_prompt=True)
-        rendered = self._chat(prompt + completion, generation_prompt=False)
-        if rendered.startswith(rendered_prompt):
-            return prompt_ids, _ids(self.tok, rendered[len(rendered_prompt):], False)
+        rendered = [self._chat(prompt + c, generation_prompt=False) for c in completions]
+        if all(r.startswith(rendered_prompt) for r in rendered):
+            return prompt_ids, [_ids(self.tok, r[len(rendered_prompt):], False) for r in rendered]
         if not self._warned_unstable:
             log.warning("%s: the chat template renders the prompt differently inside the conversation; "
                         "splitting at the longest common token prefix instead", where)
             self._warned_unstable = True
-        whole = _ids(self.tok, rendered, False)
-        n = 0
-        while n < min(len(whole), len(prompt_ids)) and whole[n] == prompt_ids[n]:
-            n += 1
-        return prompt_ids[:n], whole[n:]
+        wholes = [_ids(self.tok, r, False) for r in rendered]
+        n = common_prefix_length([prompt_ids, *wholes])
+        return prompt_ids[:n], [whole[n:] for whole in wholes]
+
+    def _plain_completion(self, completion: str) -> list[int]:
+        ids = _ids(self.tok, completion, False)
+        if not ids or ids[-1] != self.tok.eos_token_id:
+            ids.append(self.tok.eos_token_id)
+        return ids
 
     def __call__(self, record: Record, index: int) -> Example | None:
         """The tokenised example, or None when truncation leaves a completion empty."""
-        prompt_ids = self.render_prompt(record.prompt)
-        completions = []
-        for c in record.completions:
-            prompt_ids, ids = self.completion(record.prompt, c, prompt_ids, record.where)
-            completions.append(ids)
+        prompt_ids, completions = self.split(record.prompt, record.completions, self.render_prompt(record.prompt),
+                                             record.where)
         prompt_ids = prompt_ids[-self.max_prompt_length:]  # (left truncation)
         room = self.max_length - len(prompt_ids)
         completions = [ids[:room] for ids in completions]
         if room <= 0 or any(not ids for ids in completions):
             return None
         return Example(index, prompt_ids, completions, record.label, record.margin)
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest prefix all ``sequences`` share.
+
+    >>> common_prefix_length([[1, 2, 3], [1, 2, 4, 5], [1, 2]])
+    2
+    """
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            return i
+    return n
 
 
 def tokenize_records(records: list[Record], tokenizer, max_length: int, max_prompt_length: int) -> list[Example]:

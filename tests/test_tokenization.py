@@ -73,3 +73,41 @@ def test_conversational_rows_need_a_chat_template(tok):
            "rejected": [{"role": "assistant", "content": "b"}]}
     with pytest.raises(DataError, match="chat template"):
         Tokenizer(bare, 64, 32)(record(row), 0)
+
+
+# An unstable template: the user turn is rendered differently when an assistant answer follows, and where it
+# differs depends on the answer (a leading "!" before an answer starting with "b", a trailing "!" otherwise).
+UNSTABLE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['role'] == 'user' and not loop.last and messages[loop.index0 + 1]['content'].startswith('b') %}!"
+    "{% endif %}{{ m['content'] }}"
+    "{% if m['role'] == 'user' and not loop.last and not messages[loop.index0 + 1]['content'].startswith('b') %}!"
+    "{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_unstable_template_splits_every_completion_at_one_common_prefix(tok, caplog):
+    """SPEC §4 step 2. With chosen "good ..." the rendered prompt and the whole part after "what is red?";
+    with rejected "bad ..." right after "<s><|user|>". The shared prompt must be the prefix common to all
+    three token lists, [<s>, <|user|>], and each completion the rest of its own conversation, so that
+    prompt + completion is exactly the rendered conversation (splitting per completion would let the chosen
+    keep prompt tokens the rejected dropped)."""
+    unstable = AutoTokenizer.from_pretrained(tok.name_or_path)
+    unstable.chat_template = UNSTABLE
+    user = [{"role": "user", "content": "what is red?"}]
+    answers = [[{"role": "assistant", "content": "good red"}], [{"role": "assistant", "content": "bad red"}]]
+    rows = [record({"prompt": user, "chosen": answers[0], "rejected": answers[1]}),
+            parse_row({"prompt": user, "chosen": answers[0], "rejected": answers[1]}, "test, line 2")]
+    with caplog.at_level("WARNING", logger="dpolab"):
+        examples = tokenize_records(rows, unstable, 512, 256)
+    warnings = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("test, line 1")  # once, naming the first row
+    ex = examples[0]
+    assert ex.prompt_ids == [unstable.bos_token_id, unstable.convert_tokens_to_ids("<|user|>")]
+    for answer, ids in zip(answers, ex.completion_ids):
+        whole = unstable(unstable.apply_chat_template(user + answer, tokenize=False), add_special_tokens=False)
+        assert ex.prompt_ids + ids == whole["input_ids"]
+    # the stable template keeps the rendered prompt whole (the fallback is not taken)
+    stable = tokenize_records(rows[:1], tok, 512, 256)[0]
+    assert stable.prompt_ids == tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False)
