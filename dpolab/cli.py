@@ -16,7 +16,7 @@ from dpolab.errors import DpolabError, Interrupted
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 EVAL_FIELDS = ["model", "ref_model", "data", "loss", "loss_weights", "beta", "label_smoothing", "reference_free",
-               "batch_size", "max_length", "max_prompt_length", "skip_invalid", "bf16", "logits_chunk",
+               "batch_size", "max_length", "max_prompt_length", "skip_invalid", "ignore_columns", "bf16", "logits_chunk",
                "trust_remote_code", "allow_pickle_weights"]
 
 

@@ -82,6 +82,8 @@ class Config:
     max_length: int = opt(512, "Longest prompt + completion in tokens; completions are cut from the right.")
     max_prompt_length: int = opt(256, "Longest prompt in tokens; prompts are cut from the left.")
     skip_invalid: bool = opt(False, "Drop and count invalid rows instead of stopping at the first one.")
+    ignore_columns: str | None = opt(None, "Comma-separated extra data columns (e.g. id,source) to drop from every "
+                                           "row; any other column that SPEC §4 does not name is an error.")
     # --- reference, memory, precision
     precompute_ref: bool = opt(False, "Compute reference log-probs once, cache them on disk, and train "
                                       "with no reference model in memory.")

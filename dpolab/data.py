@@ -3,8 +3,8 @@
 Accepted rows (SPEC §4): standard (``prompt``, ``chosen``, ``rejected`` strings), conversational (the same
 keys holding lists of ``{role, content}`` messages), implicit prompt (``chosen`` and ``rejected`` only),
 unpaired (``prompt``, ``completion``, ``label``) and ranked (``prompt``, ``completions`` best first, or
-``completions`` with ``scores``). Optional columns: ``margin``, ``score_chosen``, ``score_rejected``.
-A bad row raises :class:`DataError` naming the file, the line and the field, or is counted and dropped
+``completions`` with ``scores``). Optional columns: ``margin``, ``score_chosen``, ``score_rejected``; any other column is an error unless the
+caller names it in ``ignore_columns`` (``--ignore-columns id,source``). A bad row raises :class:`DataError` naming the file, the line and the field, or is counted and dropped
 when ``skip_invalid`` is set.
 """
 
@@ -16,7 +16,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 from dpolab.errors import DataError
 
@@ -98,15 +98,46 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
         rows = rows["data"]
     if not isinstance(rows, list):
         raise DataError(f"{path}: a .json data file must hold a list of rows (or {{\"data\": [...]}})")
-    # Line numbers of the top-level items, so errors can name them.
-    decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
-    for _ in rows:
-        while text[pos] in " \t\r\n,":
+    lines = _item_lines(text, under_data=not text.lstrip().startswith("["))
+    for i, row in enumerate(rows):
+        yield (f"{path}, line {lines[i]} (item {i})" if lines and len(lines) == len(rows) else f"{path}, item {i}"), row
+
+
+def _item_lines(text: str, under_data: bool) -> list[int] | None:
+    """Line numbers of the rows of a .json file that ``json.loads`` accepted: the items of the top-level list,
+    or of the list under the top-level ``"data"`` key (the last one, as ``json.loads`` keeps). The file is
+    walked value by value with the JSON decoder, so brackets inside strings never mislead it."""
+    decoder, n = json.JSONDecoder(), len(text)
+
+    def skip(pos: int, sep: str = "") -> int:  # past whitespace, then one optional separator and whitespace
+        while pos < n and text[pos] in " \t\r\n":
             pos += 1
-        lines.append(text.count("\n", 0, pos) + 1)
-        _, pos = decoder.raw_decode(text, pos)
-    for i, (row, line) in enumerate(zip(rows, lines)):
-        yield f"{path}, line {line} (item {i})", row
+        if sep and pos < n and text[pos] == sep:
+            pos = skip(pos + 1)
+        return pos
+
+    def members(pos: int, close: str):  # positions of the values of the container opening at ``pos``
+        pos = skip(pos + 1)
+        while text[pos] != close:
+            key = None
+            if close == "}":
+                key, pos = decoder.raw_decode(text, pos)
+                pos = skip(pos, ":")
+            yield key, pos
+            _, pos = decoder.raw_decode(text, pos)
+            pos = skip(pos, ",")
+
+    try:
+        start = skip(0)
+        if under_data:
+            start = [pos for key, pos in members(start, "}") if key == "data"][-1]
+        lines, line, last = [], 1, 0
+        for _, pos in members(start, "]"):
+            line, last = line + text.count("\n", last, pos), pos
+            lines.append(line)
+        return lines
+    except (ValueError, IndexError):  # cannot happen for text json.loads accepted; then name items only
+        return None
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
@@ -114,7 +145,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
     for row in reader:
         if None in row:
             raise DataError(f"{path}, line {reader.line_num}: more values than the header has columns")
-        yield f"{path}, line {reader.line_num}", {k: v for k, v in row.items() if v != "" or k in KNOWN_COLUMNS}
+        yield f"{path}, line {reader.line_num}", dict(row)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -202,12 +233,20 @@ def _require(row: dict, keys: tuple[str, ...], where: str, kind: str) -> None:
             raise DataError(f"{where}, field {k!r}: missing (a {kind} row has {', '.join(keys)})")
 
 
-def parse_row(row: Any, where: str) -> Record:
-    """Validate one row and normalise it; raise :class:`DataError` naming ``where`` and the field."""
+def parse_row(row: Any, where: str, ignore_columns: Collection[str] = ()) -> Record:
+    """Validate one row and normalise it; raise :class:`DataError` naming ``where`` and the field.
+    A column that SPEC §4 does not name is an error (a misspelt ``margin`` would otherwise be silently
+    unused) unless it is in ``ignore_columns``, which are dropped."""
     if isinstance(row, DataError):  # the reader could not parse it
         raise row
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with prompt/chosen/rejected, got {type(row).__name__}")
+    row = {k: v for k, v in row.items() if k not in ignore_columns}
+    unknown = sorted(str(k) for k in set(row) - KNOWN_COLUMNS)
+    if unknown:
+        raise DataError(f"{where}, field {unknown[0]!r}: not a column dpolab reads (it reads "
+                        f"{', '.join(sorted(KNOWN_COLUMNS))}); remove it, or pass --ignore-columns "
+                        f"{','.join(unknown)} to drop it from every row")
     margin = _number(row, "margin", where) if row.get("margin") not in (None, "") else None
     if margin is None and row.get("score_chosen") not in (None, "") and row.get("score_rejected") not in (None, ""):
         margin = _number(row, "score_chosen", where) - _number(row, "score_rejected", where)
@@ -263,18 +302,23 @@ def split_implicit_prompt(chosen: Text, rejected: Text, where: str) -> tuple[Tex
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def load_records(spec: str, skip_invalid: bool = False) -> list[Record]:
-    """Read and validate every row of ``spec``; stop at the first bad row unless ``skip_invalid``."""
+def load_records(spec: str, skip_invalid: bool = False, ignore_columns: Collection[str] = ()) -> list[Record]:
+    """Read and validate every row of ``spec``; stop at the first bad row unless ``skip_invalid``.
+    ``ignore_columns``: extra columns to drop from every row (any other unknown column is an error)."""
     records: list[Record] = []
-    skipped, unknown = 0, set()
+    skipped = 0
     for where, row in iter_rows(spec):
         try:
-            record = parse_row(row, where)
+            record = parse_row(row, where, ignore_columns)
             if records and record.kind != records[0].kind:
                 raise DataError(f"{where}: a {record.kind} row in a file of {records[0].kind} rows "
                                 f"(the first at {records[0].where}); use one format per file")
             if records and record.conversational != records[0].conversational:
                 raise DataError(f"{where}: mixes conversational and plain-text rows in one file")
+            k = len(records[0].completions) if records else len(record.completions)
+            if record.kind == "ranked" and len(record.completions) != k:
+                raise DataError(f"{where}, field 'completions': {len(record.completions)} answers, but the first "
+                                f"ranked row ({records[0].where}) has {k}; every ranked row needs the same number")
         except DataError as e:
             if not skip_invalid:
                 raise DataError(f"{e} (pass --skip-invalid to drop and count bad rows)") from None
@@ -282,13 +326,9 @@ def load_records(spec: str, skip_invalid: bool = False) -> list[Record]:
             if skipped <= 3:
                 log.warning("skipping invalid row: %s", e)
             continue
-        if isinstance(row, dict):
-            unknown.update(set(row) - KNOWN_COLUMNS)
         records.append(record)
     if skipped:
         log.warning("%s: skipped %d invalid row(s), kept %d", spec, skipped, len(records))
-    if unknown:
-        log.info("%s: ignoring columns %s", spec, ", ".join(sorted(unknown)))
     if not records:
         raise DataError(f"{spec}: no usable rows" + (f" ({skipped} invalid)" if skipped else ""))
     same = sum(1 for r in records if r.kind == "paired" and r.completions[0] == r.completions[1])

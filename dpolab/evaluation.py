@@ -53,8 +53,8 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str = "s
     """
     from dpolab.config import load_config
     from dpolab.reference import ModelReference, NoReference
-    from dpolab.setup import (build_objective_for, load_model, load_tokenizer, make_accelerator, prepare_records,
-                              tokenize_for)
+    from dpolab.setup import (build_objective_for, ignored_columns, load_model, load_tokenizer, make_accelerator,
+                              prepare_records, tokenize_for)
     from dpolab.data import load_records
     from dpolab.logps import SequenceLogps
 
@@ -63,7 +63,8 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str = "s
     accelerator = make_accelerator(config)
     objective = build_objective_for(config, accelerator.gather)
     tokenizer = load_tokenizer(model, config.trust_remote_code)
-    examples = tokenize_for(config, prepare_records(config, load_records(data, config.skip_invalid)), tokenizer)
+    examples = tokenize_for(config, prepare_records(config, load_records(data, config.skip_invalid,
+                                                                                ignored_columns(config))), tokenizer)
     if objective.needs_ref and not config.reference_free:
         ref_name = ref_model or default_reference(model)
         if ref_name is None:

@@ -99,13 +99,26 @@ def build_objective_for(config: Config, gather=None) -> Objective:
     return build_objective(config.loss_names, config.loss_weights, config.beta, vars(config), gather)
 
 
-def load_examples(config: Config, tokenizer) -> tuple[list[Example], list[Example]]:
-    """Read, validate, split and tokenise the training and held-out data."""
-    records = prepare_records(config, load_records(config.data, config.skip_invalid))
+def read_records(config: Config) -> tuple[list, list]:
+    """Read, validate and split the training and held-out rows; needs no tokenizer, so bad data is refused
+    before anything is loaded."""
+    records = prepare_records(config, load_records(config.data, config.skip_invalid, ignored_columns(config)))
     if config.eval_data:
-        eval_records = prepare_records(config, load_records(config.eval_data, config.skip_invalid))
+        eval_records = prepare_records(config, load_records(config.eval_data, config.skip_invalid,
+                                                            ignored_columns(config)))
     else:
         records, eval_records = split_records(records, config.eval_split, config.seed)
+    return records, eval_records
+
+
+def ignored_columns(config: Config) -> list[str]:
+    return [c.strip() for c in (config.ignore_columns or "").split(",") if c.strip()]
+
+
+def load_examples(config: Config, tokenizer, records: tuple[list, list] | None = None
+                  ) -> tuple[list[Example], list[Example]]:
+    """Tokenise the training and held-out rows (read by :func:`read_records` unless given)."""
+    records, eval_records = records or read_records(config)
     train = tokenize_for(config, records, tokenizer)
     held = tokenize_for(config, eval_records, tokenizer) if eval_records else []
     log.info("data: %d training and %d held-out examples", len(train), len(held))

@@ -50,6 +50,7 @@ class Tokenizer:
         empty = _ids(tokenizer, "", True)
         self._suffix = [t for t in empty if t == tokenizer.eos_token_id][-1:]
         self._warned_unstable = False
+        self.cut = {"prompts": 0, "completions": 0}  # rows truncated, for the warning
 
     def render_prompt(self, prompt) -> list[int]:
         if isinstance(prompt, list):
@@ -63,7 +64,12 @@ class Tokenizer:
         if not getattr(self.tok, "chat_template", None):
             raise DataError("conversational rows need a tokenizer with a chat template, and this one has none; "
                             "give plain-text rows or a model whose tokenizer has a chat_template")
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as e:  # e.g. a template that insists on alternating user/assistant roles
+            raise DataError(f"the chat template cannot render this conversation: {e}") from None
 
     def split(self, prompt, completions: list, prompt_ids: list[int], where: str) -> tuple[list[int], list[list[int]]]:
         """(prompt ids shared by every completion, ids of each completion). The prompt ids change only on the
@@ -94,8 +100,10 @@ class Tokenizer:
         """The tokenised example, or None when truncation leaves a completion empty."""
         prompt_ids, completions = self.split(record.prompt, record.completions, self.render_prompt(record.prompt),
                                              record.where)
+        self.cut["prompts"] += len(prompt_ids) > self.max_prompt_length
         prompt_ids = prompt_ids[-self.max_prompt_length:]  # (left truncation)
         room = self.max_length - len(prompt_ids)
+        self.cut["completions"] += any(len(ids) > room for ids in completions)
         completions = [ids[:room] for ids in completions]
         if room <= 0 or any(not ids for ids in completions):
             return None
@@ -120,7 +128,10 @@ def tokenize_records(records: list[Record], tokenizer, max_length: int, max_prom
     tok = Tokenizer(tokenizer, max_length, max_prompt_length)
     examples, dropped = [], 0
     for record in records:
-        ex = tok(record, len(examples))
+        try:
+            ex = tok(record, len(examples))
+        except DataError as e:
+            raise DataError(f"{record.where}: {e}") from None
         if ex is None:
             dropped += 1
         else:
@@ -128,6 +139,10 @@ def tokenize_records(records: list[Record], tokenizer, max_length: int, max_prom
     if dropped:
         log.warning("dropped %d row(s) whose completion was empty after truncation to max_length=%d, "
                     "max_prompt_length=%d", dropped, max_length, max_prompt_length)
+    if tok.cut["prompts"] or tok.cut["completions"]:
+        log.warning("truncated %d prompt(s) longer than max_prompt_length=%d (from the left) and %d row(s) whose "
+                    "completions did not fit max_length=%d (from the right)", tok.cut["prompts"], max_prompt_length,
+                    tok.cut["completions"], max_length)
     if not examples:
         raise DataError(f"no usable rows remain after truncation to max_length={max_length}")
     ks = {len(e.completion_ids) for e in examples}

@@ -33,7 +33,7 @@ from dpolab.logps import SequenceLogps
 from dpolab.losses import tr_dpo_update_
 from dpolab.objective import Objective
 from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
-                          make_accelerator,
+                          make_accelerator, read_records,
                           resolve_defaults)
 
 log = logging.getLogger("dpolab")
@@ -110,8 +110,9 @@ def train(config: Config) -> dict:
     check_output_dir(out, config.resume, config.overwrite)
     task = load_task_or_refuse(config.task)
     objective = build_objective_for(config, accelerator.gather)
+    records = read_records(config)  # bad data is refused before the tokenizer or any model is loaded
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    train_examples, eval_examples = load_examples(config, tokenizer)
+    train_examples, eval_examples = load_examples(config, tokenizer, records)
     if accelerator.is_main_process:  # only now that settings and data are known to be good
         prepare_output_dir(out, config.overwrite)
     accelerator.wait_for_everyone()

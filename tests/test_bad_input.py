@@ -30,11 +30,71 @@ def test_bad_file_corpus_names_file_line_and_field(name):
     assert str(CORPUS / name) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_corpus_rows_are_skippable(tmp_path):
-    """With --skip-invalid the bad rows of a mostly good file are dropped and the good ones kept."""
-    for name in ("broken_json.jsonl", "missing_key.jsonl", "empty_string.jsonl", "not_an_object.jsonl"):
+def test_corpus_rows_are_skippable(tmp_path, caplog):
+    """With --skip-invalid the bad rows of a mostly good file are dropped, counted, and the good ones kept."""
+    for name in ("broken_json.jsonl", "missing_key.jsonl", "empty_string.jsonl", "not_an_object.jsonl",
+                 "extra_key.jsonl", "ranked_k.jsonl"):
         records = load_records(str(CORPUS / name), skip_invalid=True)
-        assert records and all(r.kind == "paired" for r in records)
+        assert records and len({r.kind for r in records}) == 1
+        assert f"{name}: skipped 1 invalid row(s), kept {len(records)}" in caplog.text
+
+
+def test_ignore_columns_drops_only_the_named_columns(tmp_path):
+    path = tmp_path / "extra.jsonl"
+    path.write_text(lines(GOOD | {"id": 1, "source": "web"}, GOOD | {"id": 2, "source": "web"}))
+    with pytest.raises(DataError, match=r"extra\.jsonl, line 1, field 'id': not a column .* --ignore-columns id,source"):
+        load_records(str(path))
+    with pytest.raises(DataError, match="line 1, field 'source'"):
+        load_records(str(path), ignore_columns=["id"])
+    assert len(load_records(str(path), ignore_columns=["id", "source"])) == 2
+    # SPEC §4's optional columns are never "extra"
+    path.write_text(lines(GOOD | {"margin": 1.5}, GOOD | {"score_chosen": 3, "score_rejected": 1}))
+    assert [r.margin for r in load_records(str(path))] == [1.5, 2.0]
+
+
+def test_chosen_equal_to_rejected_is_warned_and_counted(tmp_path, caplog):
+    path = tmp_path / "same.jsonl"
+    same = {"prompt": "p", "chosen": " x", "rejected": " x"}
+    path.write_text(lines(GOOD, same, GOOD, same | {"prompt": "q"}))
+    assert len(load_records(str(path))) == 4  # kept: a warning, not an error (SPEC §4)
+    assert "same.jsonl: 2 row(s) have chosen equal to rejected; they carry no preference signal" in caplog.text
+
+
+def test_truncated_prompts_and_completions_are_counted(tiny_model, caplog):
+    from transformers import AutoTokenizer
+
+    from dpolab.data import Record
+    from dpolab.tokenization import tokenize_records
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    long = " ".join(["the cat is good"] * 20)
+    records = [Record(f"f, line {i}", "paired", p, [c, " bad"], False) for i, (p, c) in
+               enumerate([("short?", " good"), (long, " good"), (long, " good"), ("short?", long)])]
+    examples = tokenize_records(records, tok, max_length=40, max_prompt_length=16)
+    assert len(examples) == 4 and all(len(e.prompt_ids) <= 16 for e in examples)
+    assert ("truncated 2 prompt(s) longer than max_prompt_length=16 (from the left) and 1 row(s) whose "
+            "completions did not fit max_length=40") in caplog.text
+
+
+def test_a_chat_template_error_names_the_row(tiny_model, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "strict-template"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    user, bot = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+    data = tmp_path / "chat.jsonl"
+    data.write_text(lines({"prompt": [user], "chosen": [bot], "rejected": [bot]},
+                          {"prompt": [user, user], "chosen": [bot], "rejected": [bot]}))
+    from dpolab import cli as dpolab_cli
+
+    code = dpolab_cli.main(["train", "--model", str(model), "--data", str(data), "--output-dir",
+                            str(tmp_path / "o"), "--no-progress", "--eval-split", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "chat.jsonl, line 2: the chat template cannot render this conversation: roles must alternate" in err
 
 
 def test_skip_invalid_drops_and_counts(tmp_path, caplog):
