@@ -16,6 +16,7 @@ from dpolab.errors import DpolabError, Interrupted
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 EVAL_FIELDS = ["model", "ref_model", "data", "loss", "loss_weights", "beta", "label_smoothing", "reference_free",
+               "unpair", "use_weighting", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
                "batch_size", "max_length", "max_prompt_length", "skip_invalid", "ignore_columns", "bf16", "logits_chunk",
                "trust_remote_code", "allow_pickle_weights"]
 

@@ -188,7 +188,8 @@ def build_reference(config: Config, objective: Objective, model, train_examples:
         reference = ModelReference(ref_model.to(device), config.logits_chunk, accelerator.autocast, device,
                                    config.ld_alpha)
     elif lora_reference:
-        reference = adapters.AdapterReference(model.to(accelerator.device), config.logits_chunk, accelerator.autocast)
+        reference = adapters.AdapterReference(model.to(accelerator.device), config.logits_chunk, accelerator.autocast,
+                                              ld_alpha=config.ld_alpha)
     elif config.precompute_ref:
         reference = ModelReference(model.to(device), config.logits_chunk, accelerator.autocast, device,
                                    config.ld_alpha)

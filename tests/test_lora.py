@@ -124,6 +124,22 @@ def test_precomputed_reference_with_lora_matches_the_live_one(lora_run, tmp_path
     assert s["eval_before"]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_lora_with_ld_alpha_starts_at_ln2(tiny_model, tmp_path):
+    """LD-DPO weights the tokens of both the policy and the adapters-off reference: at step 0 they are the
+    same model, so h = 0 and the loss is ln 2 even on pairs of unequal length (a reference summing its
+    tokens unweighted would give h = (α − 1)·(tail log-probs) ≠ 0 on every uneven pair)."""
+    from tests.hand import uneven_rows
+
+    rows = uneven_rows(16, seed=2)
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    out = tmp_path / "ld"
+    s = dpolab.train(model=str(tiny_model), data=str(data), output_dir=str(out), batch_size=8, max_steps=1,
+                     save_every=0, progress=False, ld_alpha=0.3, **{**LORA, "eval_split": 0.5})
+    assert steps(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps(out)[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-7)
+    assert s["eval_before"]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_refusals(tiny_model, lora_run):
     out, prefs, _ = lora_run
     with pytest.raises(dpolab.ConfigError, match="ref_device"):
