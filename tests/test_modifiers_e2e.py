@@ -118,3 +118,134 @@ def test_python_evaluate_takes_ld_alpha(uneven, tiny_model, other_model):
     got = dpolab.evaluate(str(tiny_model), str(data), ref_model=str(other_model), beta=BETA, batch_size=5,
                           ld_alpha=0.3)
     assert got["eval/loss"] == pytest.approx(hand_eval("ld_alpha", policy, ref)["eval/loss"], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------- training steps
+
+TRAIN = dict(batch_size=8, learning_rate=1e-2, eval_split=0.0, progress=False, warmup_ratio=0.0,
+             lr_scheduler="constant", seed=42)
+
+
+def test_first_step_of_rpo_with_wpo_weights_matches_the_hand_computation(tiny_model, prefs, tmp_path):
+    """At step 1 policy = reference, so sigmoid = ln 2 per pair, and the RPO term is the batch's NLL per chosen
+    token; WPO multiplies each pair's sum by exp(π_c/n_c)·exp(π_r/n_r)."""
+    rows = preference_rows(64)
+    out = tmp_path / "rpo"
+    dpolab.train(model=str(tiny_model), data=str(prefs), output_dir=str(out), max_steps=1, save_every=0,
+                 loss="sigmoid,sft", loss_weights=[1.0, 0.5], use_weighting=True, **TRAIN)
+    batch = [rows[i] for i in step_examples(len(rows), 0, 8, 42)]
+    logps = pair_logps(tiny_model, batch)
+    pc = torch.stack([c.sum() for c, _ in logps])
+    pr = torch.stack([r.sum() for _, r in logps])
+    nc = torch.tensor([len(c) for c, _ in logps], dtype=torch.float64)
+    nr = torch.tensor([len(r) for _, r in logps], dtype=torch.float64)
+    sft_rows = -pc * len(batch) / nc.sum()  # rows whose mean is the NLL per chosen token
+    expected = ((math.log(2) + 0.5 * sft_rows) * torch.exp(pc / nc) * torch.exp(pr / nr)).mean().item()
+    assert steps(out)[0]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_tr_dpo_moves_the_reference_and_resumes_bit_identically(tiny_model, prefs, tmp_path):
+    """TR-DPO with τ = 1, α = 0.5: after step k the reference is α·π_k + (1 − α)·ref_{k−1}, checked against
+    the checkpointed policy weights; then a run resumed from step 1 ends with bit-identical policy weights,
+    step-2 reference and final metrics (which are measured against the moved reference)."""
+    a = 0.5
+    full = tmp_path / "full"
+    cfg = dict(model=str(tiny_model), data=str(prefs), max_steps=3, save_every=1, save_total_limit=5,
+               sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=a, **{**TRAIN, "eval_split": 0.125})
+    summary = dpolab.train(output_dir=str(full), **cfg)
+    p0 = load_file(str(Path(tiny_model) / "model.safetensors"))
+    ref_prev = p0
+    for k in (1, 2):
+        ckpt = full / "checkpoints" / f"step-{k}"
+        policy, ref = load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "reference.safetensors"))
+        for name in p0:
+            expected = (1 - a) * ref_prev[name] + a * policy[name]
+            torch.testing.assert_close(ref[name], expected, atol=1e-7, rtol=1e-6)
+        assert max((ref[n] - p0[n]).abs().max().item() for n in p0) > 1e-4  # it really moved
+        ref_prev = ref
+    # The same run, crashed after step 1: its later checkpoint and final/ are gone; resume.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    for gone in ("checkpoints/step-2", "final", "summary.json"):
+        shutil.rmtree(crashed / gone) if (crashed / gone).is_dir() else (crashed / gone).unlink()
+    resumed = dpolab.train(output_dir=str(crashed), resume=True, **cfg)
+    for sub in ("final/model.safetensors", "checkpoints/step-2/reference.safetensors",
+                "checkpoints/step-2/model.safetensors"):
+        want, got = load_file(str(full / sub)), load_file(str(crashed / sub))
+        assert all(torch.equal(want[n], got[n]) for n in want), sub
+    assert resumed["eval"] == summary["eval"]
+    assert summary["eval"]["eval/rewards/margins"] != 0.0
+
+
+def test_bco_running_delta_is_the_mean_of_every_reward_seen(tiny_model, prefs, tmp_path):
+    """bco_pair with the paper's δ: step 1 sees rewards 0 (policy = reference), so after it δ = 0 over 16
+    rewards; step 2's loss uses δ = (Σ step-1 rewards + Σ step-2 rewards)/32, rewards β·h of the step-1
+    policy on step 2's batch, by hand."""
+    beta = 1.0
+    out = tmp_path / "bco"
+    dpolab.train(model=str(tiny_model), data=str(prefs), output_dir=str(out), max_steps=2, save_every=1,
+                 loss="bco_pair", bco_running_delta=True, beta=beta, **TRAIN)
+    state = json.loads((out / "checkpoints" / "step-1" / "state.json").read_text())["extra"]["objective"]
+    assert state["delta_count"] == 16 and state["delta_mean"] == pytest.approx(0.0, abs=1e-7)
+    rows = preference_rows(64)
+    batch = [rows[i] for i in step_examples(len(rows), 1, 8, 42)]
+    policy = pair_logps(tiny_model, batch, weights=out / "checkpoints" / "step-1" / "model.safetensors")
+    ref = pair_logps(tiny_model, batch)
+    r_c = torch.stack([beta * (c.sum() - c0.sum()) for (c, _), (c0, _) in zip(policy, ref)])
+    r_r = torch.stack([beta * (r.sum() - r0.sum()) for (_, r), (_, r0) in zip(policy, ref)])
+    delta = (r_c.sum() + r_r.sum()) / 32
+
+    def loss(d):
+        return (-F.logsigmoid(r_c - d) - F.logsigmoid(-(r_r - d))).mean().item()
+
+    got = steps(out)[1]["loss"]
+    assert got == pytest.approx(loss(delta), abs=1e-5)
+    assert abs(loss(delta) - loss(0.0)) > 1e-4  # δ = 0 would be told apart
+
+
+# ------------------------------------------------------------------------------------- reference-free
+
+
+@pytest.mark.parametrize("loss,extra", [("sigmoid", {"reference_free": True}), ("simpo", {})])
+def test_reference_free_training_builds_no_reference(loss, extra, tiny_model, prefs, tmp_path, monkeypatch):
+    """One model is loaded (the policy), none is copied, both reference strategies are NoReference, and the
+    first loss is the formula with ref = 0: −logσ(β(π_c − π_r)) (reference-free DPO) or
+    −logσ(β(π_c/n_c − π_r/n_r) − γ) (SimPO, β = 2, γ = 1)."""
+    import dpolab.setup as setup
+    import dpolab.training as training
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.reference import NoReference
+
+    rows = preference_rows(64)
+    batch = [rows[i] for i in step_examples(len(rows), 0, 8, 42)]
+    logps = pair_logps(tiny_model, batch)  # loaded before counting
+    loads, copies, refs = [], [], []
+    original_load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: (loads.append(a[0]), original_load(*a, **k))[1])
+    monkeypatch.setattr(setup, "copy", types.SimpleNamespace(deepcopy=lambda m: copies.append(m) or m))
+    original_build = training.build_reference
+    monkeypatch.setattr(training, "build_reference", lambda *a, **k: refs.append(original_build(*a, **k)) or refs[-1])
+    dpolab.train(model=str(tiny_model), data=str(prefs), output_dir=str(tmp_path / loss), max_steps=1,
+                 save_every=0, loss=loss, **TRAIN, **extra)
+    assert len(loads) == 1 and not copies
+    assert all(isinstance(r, NoReference) for r in refs[0])
+    pc = torch.stack([c.sum() for c, _ in logps])
+    pr = torch.stack([r.sum() for _, r in logps])
+    if loss == "simpo":
+        nc = torch.tensor([len(c) for c, _ in logps], dtype=torch.float64)
+        nr = torch.tensor([len(r) for _, r in logps], dtype=torch.float64)
+        expected = -F.logsigmoid(2.0 * (pc / nc - pr / nr) - 1.0)
+    else:
+        expected = -F.logsigmoid(0.1 * (pc - pr))
+    assert steps(tmp_path / loss)[0]["loss"] == pytest.approx(expected.mean().item(), abs=1e-5)
+
+
+def test_reference_free_with_a_reference_model_is_refused(tiny_model, other_model, prefs, tmp_path, capsys):
+    for command in (["train", "--output-dir", tmp_path / "x"], ["eval"]):
+        code = cli.main([*map(str, command), "--model", str(tiny_model), "--data", str(prefs), "--reference-free",
+                         "--ref-model", str(other_model)])
+        assert code == 2
+        assert "--ref-model was given but reference_free uses no reference model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
