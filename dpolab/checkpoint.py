@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from dpolab.errors import DpolabError, TrainingError
-from dpolab.guard import WRITE_ERRORS, write_failure
+from dpolab.errors import DpolabError
 
 STEP = re.compile(r"^step-(\d+)$")
 
@@ -58,10 +57,10 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except WRITE_ERRORS as e:  # a full disk: OSError, torch's RuntimeError or a SafetensorError
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(root)
-        raise TrainingError(write_failure(final, e, str(previous[-1]) if previous else None)) from e
+        raise DpolabError(f"could not write checkpoint {final}: {e.strerror or e}. The previous checkpoints "
+                          "are intact; free space and resume with --resume.") from None
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
