@@ -60,7 +60,9 @@ class Config:
     f_divergence_type: str = opt("reverse_kl", "f-DPO: the divergence to the reference (reverse_kl is DPO).",
                                  choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
     f_alpha_divergence_coef: float = opt(0.5, "α of the alpha_divergence.")
-    use_weighting: bool = opt(False, "WPO: weight each pair by the policy's probability of its completions.")
+    use_weighting: bool = opt(False, "WPO: weight each pair's loss by exp(π_c/n_c)·exp(π_r/n_r), the policy's "
+                                     "geometric-mean token probability of each answer (the paper's plain weight). "
+                                     "Not TRL 1.16's use_weighting, which divides by the per-token Σ_v p² first.")
     ld_alpha: float | None = opt(None, "LD-DPO: scale log-probs of completion tokens beyond the shorter "
                                        "answer's length by α in [0, 1].")
     sync_ref_model: bool = opt(False, "TR-DPO: move the reference towards the policy every "
@@ -186,6 +188,10 @@ class Config:
         if self.f_divergence_type != "reverse_kl":
             bad = [n for n in names if LOSSES[n].needs_ref and not LOSSES[n].f_divergence]
             need(not bad, f"f_divergence_type {self.f_divergence_type} does not apply to {', '.join(bad)}")
+        from dpolab.losses import unused_settings  # no option is accepted and ignored
+
+        unused = unused_settings([LOSSES[n] for n in names], vars(self), {n: f.default for n, f in _fields().items()})
+        need(not unused, "; ".join(unused))
         return self
 
     @property

@@ -150,16 +150,11 @@ def prepare_records(config: Config, records):
         bad = next(r for r in records if r.margin is None)
         raise ConfigError(f"{bad.where}: loss {config.loss} needs a 'margin' (or score_chosen and score_rejected) "
                           "column in every row")
-    if objective.data == "unpaired" and any(loss.name == "kto" for loss in objective.losses):
-        from dpolab.losses import kto_weight_advice
-
+    if objective.data == "unpaired":  # losses that declare label_advice check the label balance
         n_d = sum(bool(r.label) for r in records)
-        advice = kto_weight_advice(n_d, len(records) - n_d, config.desirable_weight, config.undesirable_weight)
-        if not advice.ok:
-            lo, hi = advice.desirable_weight_range
-            log.warning("KTO: %d desirable and %d undesirable rows give λ_D·n_D/(λ_U·n_U) = %.2f, outside the "
-                        "advised [1, 4/3]; try --desirable-weight between %.2f and %.2f", n_d, len(records) - n_d,
-                        advice.ratio, lo, hi)
+        for loss, params in zip(objective.losses, objective.params):
+            if loss.label_advice is not None and (warning := loss.label_advice(n_d, len(records) - n_d, **params)):
+                log.warning("%s", warning)
     return records
 
 

@@ -46,6 +46,14 @@ Notation: `π_c`, `π_r` are the policy's summed log-probs of the chosen and rej
 
 A reference loss can run reference-free (`reference_free`): its reference log-probs are then zero.
 
+A setting that none of the selected losses or modifiers reads (a `params` entry of another loss, `use_weighting`
+with unpaired or ranked data or with a loss that sorts rows over the batch, `bco_running_delta` without a
+running δ, `f_divergence_type` with reference-free losses, ...) is refused when it differs from its default,
+never silently ignored (`dpolab.losses.unused_settings`, from the declarations below).
+
+`use_weighting` (WPO) is the paper's plain weight `exp(π_c/n_c)·exp(π_r/n_r)`, not TRL 1.16's
+`use_weighting`, which aligns each token's probability by `Σ_v p²` first (see `wpo_weights` below).
+
 ## Declarations
 
 | loss | data | reference | lengths | columns / inputs | params (default) | β default | TRL 1.16 |

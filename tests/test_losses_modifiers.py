@@ -73,6 +73,37 @@ def test_ld_pair_logps_hand():
         ld_pair_logps(c_tok, c_mask, r_tok, r_mask, ld_alpha=1.5)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_the_trainers_ld_weights_agree_with_ld_pair_logps(alpha):
+    """The two LD-DPO implementations: the trainer's token weights (dpolab.logps.ld_weights, over a flat list
+    of scored tokens in any interleaving that keeps each sequence's order, as the batch layouts give) and the
+    TRL-checked ld_pair_logps (over padded (B, T) tensors) give the same sequence sums."""
+    from dpolab.logps import ld_weights
+
+    g = torch.Generator().manual_seed(int(10 * alpha))
+    B, T = 6, 9
+    lengths = torch.randint(1, T + 1, (2 * B,), generator=g)  # sequence 2i chosen, 2i + 1 rejected of pair i
+    tokens = [-torch.rand(int(n), generator=g, dtype=torch.float64) for n in lengths]
+    # flat scored tokens, sequences interleaved at random but each in its own order
+    order = torch.cat([torch.full((int(n),), s) for s, n in enumerate(lengths)])
+    order = order[torch.randperm(len(order), generator=g)]
+    seen = [0] * (2 * B)
+    flat, seq = [], []
+    for s in order.tolist():
+        flat.append(tokens[s][seen[s]])
+        seq.append(s)
+        seen[s] += 1
+    flat, seq = torch.stack(flat), torch.tensor(seq)
+    sums = torch.zeros(2 * B, dtype=torch.float64).index_add(0, seq, flat * ld_weights(seq, 2 * B, alpha))
+    padded = torch.zeros(2 * B, T, dtype=torch.float64)
+    mask = torch.zeros(2 * B, T, dtype=torch.long)
+    for s, x in enumerate(tokens):
+        padded[s, : len(x)], mask[s, : len(x)] = x, 1
+    c, r = ld_pair_logps(padded[0::2], mask[0::2], padded[1::2], mask[1::2], ld_alpha=alpha)
+    torch.testing.assert_close(sums[0::2], c)
+    torch.testing.assert_close(sums[1::2], r)
+
+
 def test_tr_dpo_update():
     """α = 0.6: 0.6·2 + 0.4·1 = 1.6; integer buffers follow the policy; α = 1 copies the policy."""
     ref = {"w": torch.ones(3), "steps": torch.tensor(1)}

@@ -17,12 +17,15 @@ from dpolab.losses.registry import LOSSES, Loss, LossOutput, get_loss, register,
 from dpolab.losses import paired, ranked, reference_free, unpaired  # noqa: F401  (they register their losses)
 from dpolab.losses.modifiers import (
     F_DIVERGENCES,
+    MODIFIER_SETTINGS,
+    Setting,
     combine,
     f_divergence_inputs,
     f_divergence_logratios,
     ld_pair_logps,
     tr_dpo_update,
     tr_dpo_update_,
+    unused_settings,
     update_running_mean,
     wpo_weights,
 )
@@ -31,7 +34,7 @@ from dpolab.losses.unpaired import KTOWeightAdvice, kto_kl_estimate, kto_weight_
 
 __all__ = [
     "LOSSES", "Loss", "LossOutput", "get_loss", "register", "token_mean_nll", "sigmoid",
-    "F_DIVERGENCES", "combine", "f_divergence_inputs", "f_divergence_logratios", "ld_pair_logps",
-    "tr_dpo_update", "tr_dpo_update_", "update_running_mean", "wpo_weights",
+    "F_DIVERGENCES", "MODIFIER_SETTINGS", "Setting", "combine", "f_divergence_inputs", "f_divergence_logratios",
+    "ld_pair_logps", "tr_dpo_update", "tr_dpo_update_", "unused_settings", "update_running_mean", "wpo_weights",
     "KTOWeightAdvice", "kto_kl_estimate", "kto_weight_advice",
 ]

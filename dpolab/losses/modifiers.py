@@ -5,12 +5,12 @@ log-probs, TR-DPO reference updates and BCO's running reward mean. All pure func
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from dpolab.losses.registry import Loss, Tensor
+from dpolab.losses.registry import LOSSES, Loss, Tensor
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -70,6 +70,66 @@ def f_divergence_inputs(loss: Loss, policy_chosen_logps: Tensor, policy_rejected
     return f_c, f_r, torch.zeros_like(f_c), torch.zeros_like(f_r)
 
 
+class Setting(NamedTuple):
+    """A setting that a modifier (not a loss's own ``params``) reads, and when: ``applies(losses, settings)``
+    reads only the selected losses' declarations and the other settings, never a loss name."""
+
+    name: str
+    applies: Callable[[Sequence[Loss], Mapping[str, Any]], bool]
+    needs: str  # what makes it apply, for the error message
+
+
+def _uses_ref(losses: Sequence[Loss], settings: Mapping[str, Any]) -> bool:
+    return any(loss.needs_ref for loss in losses) and not settings.get("reference_free")
+
+
+MODIFIER_SETTINGS = (
+    Setting("use_weighting", lambda ls, s: all(x.data == "paired" and x.row_weights for x in ls),
+            "paired losses whose row i is example i (WPO weights each pair; a loss that sorts rows over the "
+            "batch has no pair per row)"),
+    Setting("ld_alpha", lambda ls, s: all(x.data == "paired" for x in ls),
+            "paired losses (LD-DPO down-weights a pair's tokens past its shorter answer)"),
+    Setting("f_divergence_type", lambda ls, s: any(x.needs_ref and x.f_divergence for x in ls),
+            "a loss with a reference model that accepts f-divergences"),
+    Setting("f_alpha_divergence_coef", lambda ls, s: s.get("f_divergence_type") == "alpha_divergence",
+            "f_divergence_type alpha_divergence"),
+    Setting("bco_running_delta", lambda ls, s: any("delta" in x.state for x in ls),
+            "a loss that keeps a running δ (state 'delta')"),
+    Setting("unpair", lambda ls, s: all(x.data == "unpaired" for x in ls),
+            "a loss on unpaired rows (pairs are then split into a desirable and an undesirable row)"),
+    Setting("reference_free", lambda ls, s: any(x.needs_ref for x in ls),
+            "a loss with a reference model (the others never build one)"),
+    Setting("sync_ref_model", _uses_ref, "a loss with a reference model (TR-DPO moves it)"),
+    Setting("ref_model_mixup_alpha", lambda ls, s: bool(s.get("sync_ref_model")), "sync_ref_model (TR-DPO)"),
+    Setting("ref_model_sync_steps", lambda ls, s: bool(s.get("sync_ref_model")), "sync_ref_model (TR-DPO)"),
+)
+
+
+def unused_settings(losses: Sequence[Loss], settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    """One message per setting that differs from its default although nothing selected reads it, so that no
+    option is accepted and silently ignored: a hyper-parameter no selected loss declares in ``params``, or a
+    :data:`MODIFIER_SETTINGS` entry whose condition fails. Read from the declarations only.
+
+    >>> unused_settings([LOSSES["ipo"]], {"label_smoothing": 0.1}, {"label_smoothing": 0.0})[0][:55]
+    'label_smoothing = 0.1 has no effect with --loss ipo: no'
+    """
+    chosen = ",".join(loss.name for loss in losses)
+    messages = []
+    params = sorted({p for loss in LOSSES.values() for p in loss.params})
+    for p in params:
+        if p in settings and settings[p] != defaults.get(p) and not any(p in loss.params for loss in losses):
+            readers = ", ".join(n for n, loss in LOSSES.items() if p in loss.params)
+            messages.append(f"{p} = {settings[p]!r} has no effect with --loss {chosen}: no selected loss takes "
+                            f"it (losses that do: {readers})")
+    for setting in MODIFIER_SETTINGS:
+        value = settings.get(setting.name, defaults.get(setting.name))
+        if value != defaults.get(setting.name) and not setting.applies(losses, settings):
+            readers = [n for n, loss in LOSSES.items() if setting.applies([loss], settings)]
+            messages.append(f"{setting.name} = {value!r} has no effect with --loss {chosen}: it needs "
+                            f"{setting.needs}" + (f" (losses that qualify: {', '.join(readers)})" if readers else ""))
+    return messages
+
+
 def wpo_weights(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
                 rejected_lengths: Tensor, *, chosen_log_sum_sq_probs: Tensor | None = None,
                 rejected_log_sum_sq_probs: Tensor | None = None) -> Tensor:
@@ -78,8 +138,14 @@ def wpo_weights(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chos
     ``ā = (π − S)/n``: the policy's mean token log-prob, "aligned" by subtracting ``S = Σ_t log Σ_v p_t(v)²``
     (per token, the log of the sum of squared next-token probabilities, summed over the completion).
     With ``S`` given this is TRL 1.16's ``use_weighting`` exactly; without it (S = 0) it is the paper's plain
-    weight ``exp(π/n)``. Zhou et al. 2024, Weighted Preference Optimization, eq. 2. Multiply before the mean
-    (and before combining). TRL refuses WPO with ``aot``/``aot_unpaired`` (sorting breaks the pairing).
+    weight ``exp(π/n)``, the geometric-mean token probability. Zhou et al. 2024, Weighted Preference
+    Optimization, eq. 2. Multiply before the mean (and before combining). TRL refuses WPO with
+    ``aot``/``aot_unpaired`` (sorting breaks the pairing); so does dpolab (``row_weights``).
+
+    Deviation: dpolab's trainer (``use_weighting``) calls this WITHOUT ``S``, so it trains with the plain
+    weight ``exp(π_c/n_c)·exp(π_r/n_r)``, not TRL 1.16's aligned weight; the two differ by the factor
+    ``exp(−S_c/n_c − S_r/n_r)`` ≥ 1 and are not interchangeable. (S needs the full next-token
+    distribution at every completion token, which the chunked log-prob function does not keep.)
     """
     s_c = 0.0 if chosen_log_sum_sq_probs is None else chosen_log_sum_sq_probs
     s_r = 0.0 if rejected_log_sum_sq_probs is None else rejected_log_sum_sq_probs

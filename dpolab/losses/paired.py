@@ -183,7 +183,8 @@ def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
-@register("aot", params=("label_smoothing",), batch_coupled=True, trl_name="DPOTrainer loss_type='aot'",
+@register("aot", params=("label_smoothing",), batch_coupled=True, row_weights=False,
+          trl_name="DPOTrainer loss_type='aot'",
           paper="Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
           pick_when="Distributional alignment: the chosen log-ratio distribution should dominate the rejected "
                     "one over the batch; needs large batches.")
@@ -202,7 +203,7 @@ def aot(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
     return losses, *rewards(beta, h_c, h_r)
 
 
-@register("aot_unpaired", params=("label_smoothing",), batch_coupled=True,
+@register("aot_unpaired", params=("label_smoothing",), batch_coupled=True, row_weights=False,
           trl_name="DPOTrainer loss_type='aot_unpaired'",
           paper="Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
           pick_when="AOT when the chosen and rejected answers of a row are not really a matched pair.")

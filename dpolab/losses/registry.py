@@ -24,6 +24,10 @@ function needs, so the trainer reads declarations and never branches on a name:
   cancels, so :func:`dpolab.losses.f_divergence_logratios` may replace h before calling it.
 - ``batch_coupled``: a row's value depends on other rows of the batch (a token-level mean over the batch,
   sorting, a batch KL estimate): gradient accumulation changes the result unless micro-batches are whole.
+- ``row_weights``: row i of ``losses`` belongs to example i, so per-example weights (WPO) may multiply it;
+  False where rows are sorted over the batch (``aot``), so row i is a rank, not an example.
+- ``label_advice``: for unpaired losses, ``(n_desirable, n_undesirable, **params) → str | None``, a warning
+  when the label balance makes the loss's parameters a poor fit (KTO's weights), given at setup.
 - ``paper``, ``trl_name`` (the TRL 1.16 trainer/loss with the same formula, if any), ``default_beta`` (the
   paper's β when it differs from 0.1), ``pick_when`` (one line of advice for the docs).
 """
@@ -55,6 +59,8 @@ class Loss:
     state: tuple[str, ...] = ()
     f_divergence: bool = False
     batch_coupled: bool = False
+    row_weights: bool = True
+    label_advice: Callable[..., str | None] | None = None
     paper: str = ""
     trl_name: str | None = None  # the TRL 1.16 trainer/loss computing the same formula, if any
     default_beta: float | None = None  # the paper's β when it differs from the global default

@@ -20,6 +20,31 @@ def _split_rewards(beta: float, h: Tensor, labels: Tensor) -> tuple[Tensor, Tens
     return r[labels], r[~labels]
 
 
+class KTOWeightAdvice(NamedTuple):
+    ratio: float  # λ_D·n_D / (λ_U·n_U)
+    ok: bool  # the ratio is in [1, 4/3]
+    desirable_weight_range: tuple[float, float]  # λ_D putting the ratio in range, λ_U fixed
+    undesirable_weight_range: tuple[float, float]  # λ_U putting the ratio in range, λ_D fixed
+
+
+def kto_weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0,
+                      undesirable_weight: float = 1.0) -> KTOWeightAdvice:
+    """Check KTO's weights against the label balance: the paper advises ``λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]``.
+
+    Returns the ratio, whether it is in range, and the range for either weight with the other fixed
+    (change one of them, not both). TRL 1.16 warns only when n_D ≠ n_U (and uses 1.33 for 4/3); this helper
+    flags any ratio out of range.
+    """
+    n_d, n_u = max(int(n_desirable), 1), max(int(n_undesirable), 1)
+    ratio = desirable_weight * n_d / (undesirable_weight * n_u)
+    return KTOWeightAdvice(
+        ratio=ratio,
+        ok=1.0 <= ratio <= 4 / 3 + 1e-12,
+        desirable_weight_range=(undesirable_weight * n_u / n_d, 4 / 3 * undesirable_weight * n_u / n_d),
+        undesirable_weight_range=(desirable_weight * n_d / (4 / 3 * n_u), desirable_weight * n_d / n_u),
+    )
+
+
 def kto_kl_estimate(kl_policy_logps: Tensor, kl_ref_logps: Tensor) -> Tensor:
     """KTO's reference point ``z = max(0, mean(π(y'|x) − ref(y'|x)))`` over mismatched pairs, detached.
 
@@ -29,7 +54,18 @@ def kto_kl_estimate(kl_policy_logps: Tensor, kl_ref_logps: Tensor) -> Tensor:
     return (kl_policy_logps - kl_ref_logps).detach().mean().clamp(min=0)
 
 
-@register("kto", data="unpaired", needs_kl=True, batch_coupled=True,
+def kto_label_warning(n_desirable: int, n_undesirable: int, *, desirable_weight: float = 1.0,
+                      undesirable_weight: float = 1.0) -> str | None:
+    """KTO's ``label_advice``: a warning when :func:`kto_weight_advice` finds the weights a poor fit."""
+    advice = kto_weight_advice(n_desirable, n_undesirable, desirable_weight, undesirable_weight)
+    if advice.ok:
+        return None
+    lo, hi = advice.desirable_weight_range
+    return (f"KTO: {n_desirable} desirable and {n_undesirable} undesirable rows give λ_D·n_D/(λ_U·n_U) = "
+            f"{advice.ratio:.2f}, outside the advised [1, 4/3]; try --desirable-weight between {lo:.2f} and {hi:.2f}")
+
+
+@register("kto", data="unpaired", needs_kl=True, batch_coupled=True, label_advice=kto_label_warning,
           params=("desirable_weight", "undesirable_weight"), trl_name="KTOTrainer loss_type='kto'",
           paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization",
           pick_when="Thumbs up / thumbs down data (no pairs), or very imbalanced good/bad counts; weight the "
@@ -70,28 +106,3 @@ def bco(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, *, beta: float,
     delta = torch.as_tensor(delta, dtype=h.dtype, device=h.device).detach()
     s = beta * h - delta
     return torch.where(labels, -F.logsigmoid(s), -F.logsigmoid(-s)), *_split_rewards(beta, h, labels)
-
-
-class KTOWeightAdvice(NamedTuple):
-    ratio: float  # λ_D·n_D / (λ_U·n_U)
-    ok: bool  # the ratio is in [1, 4/3]
-    desirable_weight_range: tuple[float, float]  # λ_D putting the ratio in range, λ_U fixed
-    undesirable_weight_range: tuple[float, float]  # λ_U putting the ratio in range, λ_D fixed
-
-
-def kto_weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0,
-                      undesirable_weight: float = 1.0) -> KTOWeightAdvice:
-    """Check KTO's weights against the label balance: the paper advises ``λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]``.
-
-    Returns the ratio, whether it is in range, and the range for either weight with the other fixed
-    (change one of them, not both). TRL 1.16 warns only when n_D ≠ n_U (and uses 1.33 for 4/3); this helper
-    flags any ratio out of range.
-    """
-    n_d, n_u = max(int(n_desirable), 1), max(int(n_undesirable), 1)
-    ratio = desirable_weight * n_d / (undesirable_weight * n_u)
-    return KTOWeightAdvice(
-        ratio=ratio,
-        ok=1.0 <= ratio <= 4 / 3 + 1e-12,
-        desirable_weight_range=(undesirable_weight * n_u / n_d, 4 / 3 * undesirable_weight * n_u / n_d),
-        undesirable_weight_range=(desirable_weight * n_d / (4 / 3 * n_u), desirable_weight * n_d / n_u),
-    )
