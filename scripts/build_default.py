@@ -86,18 +86,17 @@ def sft_batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask, lab
 
 
-def sft(model, tokenizer, prompts: list[str], steps: int, batch_size: int, lr: float, seed: int,
-        log_every: int = 100, report=None) -> None:
-    """AdamW, linear warm-up over 5 % of the steps, cosine decay to 10 %; seeded data order."""
+def sft(model, tokenizer, prompts: list[str], max_steps: int, batch_size: int, lr: float, seed: int,
+        check_every: int, good_enough) -> int:
+    """AdamW at a constant rate after a linear warm-up, seeded data order; every ``check_every`` steps
+    ``good_enough(model)`` decides whether to stop. Returns the steps taken."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.45 * (
-        1 + math.cos(math.pi * min(1.0, s / steps)))))
+    warm = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     model.train()
-    order = torch.randperm(len(prompts), generator=g).tolist()
-    pos = 0
-    for step in range(steps):
+    order, pos = torch.randperm(len(prompts), generator=g).tolist(), 0
+    for step in range(1, max_steps + 1):
         if pos + batch_size > len(order):
             order, pos = torch.randperm(len(prompts), generator=g).tolist(), 0
         ids, mask, labels = sft_batch(tokenizer, [prompts[i] for i in order[pos: pos + batch_size]])
@@ -108,10 +107,12 @@ def sft(model, tokenizer, prompts: list[str], steps: int, batch_size: int, lr: f
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if log_every and (step + 1) % log_every == 0:
-            extra = f"; {report(model)}" if report else ""
-            print(f"sft step {step + 1}/{steps}: loss {loss.item():.4f}{extra}", flush=True)
+        if step % check_every == 0:
+            done = good_enough(model, step, loss.item())
             model.train()
+            if done:
+                return step
+    return max_steps
 
 
 def greedy_accuracy(model, tokenizer, prompts) -> float:
@@ -119,10 +120,12 @@ def greedy_accuracy(model, tokenizer, prompts) -> float:
     return sum(addition.reward(p, a[0]) for p, a in zip(prompts, answers)) / len(prompts)
 
 
-def on_policy_pairs(model, tokenizer, prompts, samples: int, seed: int) -> list[dict]:
+def on_policy_pairs(model, tokenizer, prompts, samples: int, seed: int) -> tuple[list[dict], float]:
+    """(pairs, mean reward of the sampled answers)."""
     drawn = sample(model, tokenizer, prompts, num_samples=samples, temperature=1.0, seed=seed, max_new_tokens=6)
     scores = [[addition.reward(p, c) for c in cs] for p, cs in zip(prompts, drawn.completions)]
-    return pair_rows(prompts, drawn.completions, scores, seed=seed)
+    mean = sum(map(sum, scores)) / (len(scores) * samples)
+    return pair_rows(prompts, drawn.completions, scores, seed=seed), mean
 
 
 def main(argv=None) -> None:
@@ -130,13 +133,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / "dpolab" / "assets" / "default"))
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--sft-steps", type=int, default=1500)
+    ap.add_argument("--sft-max-steps", type=int, default=3000)
     ap.add_argument("--sft-batch", type=int, default=128)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--target", type=float, default=0.6,
+                    help="stop fine-tuning once greedy accuracy on 500 preference prompts reaches this")
+    ap.add_argument("--check-every", type=int, default=25)
     ap.add_argument("--samples", type=int, default=4, help="answers sampled per prompt for the pairs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--watch", action="store_true", help="report held-out greedy accuracy at every log line")
     ap.add_argument("--limit", type=int, default=None, help="use only this many prompts of each split (tests)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -147,24 +151,31 @@ def main(argv=None) -> None:
     model = build_model(tokenizer, args.hidden, args.layers, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters; sft on {len(splits['sft'])} problems", flush=True)
-    watch = (lambda m: f"held-out greedy accuracy {greedy_accuracy(m, tokenizer, splits['eval']):.3f}") \
-        if args.watch else None
-    sft(model, tokenizer, splits["sft"], args.sft_steps, args.sft_batch, args.sft_lr, args.seed, args.log_every,
-        watch)
+    probe = splits["train"][:500]
+
+    def good_enough(m, step, loss) -> bool:
+        acc = greedy_accuracy(m, tokenizer, probe)
+        print(f"sft step {step}: loss {loss:.4f}, greedy accuracy on {len(probe)} preference prompts {acc:.3f}",
+              flush=True)
+        return acc >= args.target
+
+    steps = sft(model, tokenizer, splits["sft"], args.sft_max_steps, args.sft_batch, args.sft_lr, args.seed,
+                args.check_every, good_enough)
     t_sft = time.perf_counter() - t0
     acc = {k: greedy_accuracy(model, tokenizer, splits[k]) for k in ("train", "eval")}
     print(f"sft done in {t_sft:.0f}s; greedy accuracy: preference prompts {acc['train']:.3f}, "
           f"held-out {acc['eval']:.3f}", flush=True)
 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    train = on_policy_pairs(model, tokenizer, splits["train"], args.samples, args.seed)
-    held = on_policy_pairs(model, tokenizer, splits["eval"], args.samples, args.seed + 1)
+    train, sampled_train = on_policy_pairs(model, tokenizer, splits["train"], args.samples, args.seed)
+    held, sampled_eval = on_policy_pairs(model, tokenizer, splits["eval"], args.samples, args.seed + 1)
     (out / "model").mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", held)
-    info = {"parameters": n_params, "sft_seconds": round(t_sft, 1), "greedy_accuracy": acc,
+    info = {"parameters": n_params, "sft_steps": steps, "sft_seconds": round(t_sft, 1), "greedy_accuracy": acc,
+            "sampled_accuracy": {"train": sampled_train, "eval": sampled_eval},
             "train_pairs": len(train), "eval_pairs": len(held), "seconds": round(time.perf_counter() - t0, 1),
             "settings": vars(args) | {"out": None}}
     (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
