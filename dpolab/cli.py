@@ -18,7 +18,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 EVAL_FIELDS = ["model", "ref_model", "data", "loss", "loss_weights", "beta", "label_smoothing", "reference_free",
                "unpair", "use_weighting", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
                "batch_size", "max_length", "max_prompt_length", "skip_invalid", "ignore_columns", "bf16", "logits_chunk",
-               "trust_remote_code", "allow_pickle_weights"]
+               "layout", "row_tokens", "trust_remote_code", "allow_pickle_weights"]
 
 
 def add_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -73,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--num-samples", type=int, default=4)
     k.add_argument("--max-new-tokens", type=int, default=64)
     k.add_argument("--seed", type=int, default=0)
+    add_flags(k, ["layout"])
     k.add_argument("--json", action="store_true")
 
     s = sub.add_parser("score", help="the implicit reward β·log(π/π_ref) of one response")
@@ -82,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--response", required=True)
     s.add_argument("--beta", type=float, default=0.1)
     s.add_argument("--trust-remote-code", action="store_true")
+    add_flags(s, ["layout"])
     s.add_argument("--json", action="store_true", help="print reward and log-probs as JSON")
 
     m = sub.add_parser("merge", help="fold a LoRA adapter (e.g. a LoRA run's final/) into its base weights")
@@ -144,7 +146,7 @@ def run(argv: list[str] | None = None) -> int:
         from dpolab.task_eval import evaluate_task
 
         result = evaluate_task(args.model, args.task, args.ref_model, args.num_prompts, args.num_samples,
-                               args.seed, args.max_new_tokens)
+                               args.seed, args.max_new_tokens, **given(args, ["layout"]))
         if args.json:
             print(json.dumps(result))
         else:
@@ -154,7 +156,7 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "score":
         result = dpolab.score(args.model, args.prompt, args.response, ref_model=args.ref_model, beta=args.beta,
-                              trust_remote_code=args.trust_remote_code)
+                              trust_remote_code=args.trust_remote_code, **given(args, ["layout"]))
         print(json.dumps(result) if args.json else f"{result['reward']:.6f}")
         return 0
     if args.command == "merge":

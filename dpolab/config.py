@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, LAYOUTS
 from dpolab.errors import ConfigError
 
 
@@ -96,6 +97,16 @@ class Config:
     bf16: bool = opt(False, "bfloat16 autocast for forward and backward (weights and optimizer stay fp32).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     logits_chunk: int = opt(1024, "Completion tokens per chunk when turning hidden states into log-probs.")
+    layout: str = opt(DEFAULT_LAYOUT, "How examples become model rows; all give the same log-probs. packed: "
+                                      "examples side by side in shared rows, each prompt processed once for all "
+                                      "its completions, no padding inside rows (fastest); prefix: one row per "
+                                      "example, [prompt | completion_1 | ... | completion_K]; padded: one "
+                                      "right-padded row per completion (works with every attention kernel, "
+                                      "e.g. flash_attention_2).", choices=tuple(LAYOUTS))
+    row_tokens: int = opt(DEFAULT_ROW_TOKENS, "Token budget of a packed row (--layout packed); 0: as long as the "
+                                              "micro-batch's longest example, which keeps the attention cost of "
+                                              "a row (quadratic in its length under a dense mask) at one "
+                                              "example's.")
     trust_remote_code: bool = opt(False, "Allow model code from the model folder or hub (off: safer).")
     allow_pickle_weights: bool = opt(False, "Also load weights from pickle files (.bin/.pt), which can run "
                                             "code when loaded; off: safetensors only.")
@@ -152,6 +163,9 @@ class Config:
         need(self.max_prompt_length >= 1 and self.max_length > self.max_prompt_length,
              f"max_length ({self.max_length}) must exceed max_prompt_length ({self.max_prompt_length}) ≥ 1")
         need(self.logits_chunk >= 1, "logits_chunk must be ≥ 1")
+        need(self.row_tokens >= 0, f"row_tokens must be ≥ 0, got {self.row_tokens}")
+        need(self.layout == "packed" or self.row_tokens == 0,
+             f"row_tokens sets the rows of --layout packed; it does nothing with --layout {self.layout}")
         need(min(self.eval_every, self.save_every, self.lora_r, self.max_nonfinite_steps) >= 0,
              "eval_every, save_every, lora_r and max_nonfinite_steps must be ≥ 0")
         need(self.save_total_limit >= 1 and self.log_every >= 1, "save_total_limit and log_every must be ≥ 1")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dpolab import metrics as M
-from dpolab.batch import collate
+from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, make_batch
 from dpolab.errors import DpolabError
 from dpolab.objective import Objective
 from dpolab.tokenization import Example, Tokenizer
@@ -19,14 +19,15 @@ log = logging.getLogger("dpolab")
 
 @torch.no_grad()
 def evaluate_examples(policy, reference, objective: Objective, examples: list[Example], batch_size: int,
-                      accelerator, pad_id: int, prefix: str = "eval/") -> dict[str, float]:
+                      accelerator, pad_id: int, prefix: str = "eval/", layout: str = DEFAULT_LAYOUT,
+                      row_tokens: int = DEFAULT_ROW_TOKENS) -> dict[str, float]:
     """Mean metrics over every example; process r takes examples r, r + N, ... and the sums are reduced."""
     was_training = policy.training
     policy.eval()
     mine = examples[accelerator.process_index:: accelerator.num_processes]
     total = None
     for i in range(0, len(mine), batch_size):
-        batch = collate(mine[i: i + batch_size], pad_id).to(accelerator.device)
+        batch = make_batch(mine[i: i + batch_size], pad_id, layout, row_tokens).to(accelerator.device)
         out = objective(policy(**batch.model_inputs()), reference(batch), batch)
         total = M.add(total, M.example_sums(out))
     if total is None:  # this process got no examples; it still joins the reduction
@@ -79,12 +80,12 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str = "s
                            chunk=config.logits_chunk, ld_alpha=config.ld_alpha)
     policy = accelerator.prepare(policy)
     return evaluate_examples(policy, reference, objective, examples, config.batch_size, accelerator,
-                             tokenizer.pad_token_id)
+                             tokenizer.pad_token_id, layout=config.layout, row_tokens=config.row_tokens)
 
 
 @torch.no_grad()
 def score(model: str, prompt, response, ref_model: str | None = None, beta: float = 0.1,
-          trust_remote_code: bool = False) -> dict[str, float]:
+          trust_remote_code: bool = False, layout: str = DEFAULT_LAYOUT) -> dict[str, float]:
     """The implicit reward β·(log π(y|x) − log π_ref(y|x)) of ``response`` to ``prompt``, tokenised as in
     training (plain text, or message lists with the chat template). Returns the reward and both log-probs."""
     from dpolab.data import Record
@@ -94,7 +95,7 @@ def score(model: str, prompt, response, ref_model: str | None = None, beta: floa
     tokenizer = load_tokenizer(model, trust_remote_code)
     record = Record("score", "unpaired", prompt, [response], isinstance(prompt, list))
     example = Tokenizer(tokenizer, 1 << 30, 1 << 30)(record, 0)
-    batch = collate([example], tokenizer.pad_token_id)
+    batch = make_batch([example], tokenizer.pad_token_id, layout)
     ref_name = ref_model or default_reference(model)
     if ref_name is None:
         raise DpolabError("score needs --ref-model (the reference the implicit reward is measured against)")

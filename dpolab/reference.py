@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpolab.batch import Batch, collate
+from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Batch, make_batch
 from dpolab.logps import SequenceLogps
 from dpolab.tokenization import Example
 
@@ -96,7 +96,8 @@ def cache_key(reference: str, examples: list[Example], settings: dict) -> str:
 
 @torch.no_grad()
 def compute_table(reference, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
-                  progress: bool = False, rank: int = 0, world: int = 1) -> Tensor:
+                  progress: bool = False, rank: int = 0, world: int = 1, layout: str = DEFAULT_LAYOUT,
+                  row_tokens: int = DEFAULT_ROW_TOKENS) -> Tensor:
     """Reference log-probs (num_examples, K) in example-index order, of this process's share of the rows.
 
     Process ``rank`` of ``world`` computes examples rank, rank + world, ...; the other rows stay 0, so the
@@ -111,7 +112,7 @@ def compute_table(reference, examples: list[Example], pad_id: int, batch_size: i
     per_process = math.ceil(len(examples) / world)
     order = mine + [mine[-1] if mine else 0] * (per_process - len(mine))  # padding, never written
     for i in tqdm(range(0, per_process, batch_size), desc="reference log-probs", disable=not progress, leave=False):
-        batch = collate([examples[j] for j in order[i: i + batch_size]], pad_id).to(device)
+        batch = make_batch([examples[j] for j in order[i: i + batch_size]], pad_id, layout, row_tokens).to(device)
         logps = reference(batch).float().cpu().view(-1, K)  # (B, K)
         owned = max(0, min(batch_size, len(mine) - i))
         table[batch.example_ids[:owned].cpu()] = logps[:owned]

@@ -204,7 +204,8 @@ def build_reference(config: Config, objective: Objective, model, train_examples:
             continue
         share = lambda ex=examples: compute_table(reference, ex, pad_id, config.batch_size, device,
                                                   config.progress and accelerator.is_main_process,
-                                                  accelerator.process_index, accelerator.num_processes)
+                                                  accelerator.process_index, accelerator.num_processes,
+                                                  config.layout, config.row_tokens)
         shape = (len(examples), len(examples[0].completion_ids))
         tables.append(shared_table(accelerator, cache_dir, cache_key(identity, examples, settings), shape, share))
     for p, f in zip(model.parameters(), flags):

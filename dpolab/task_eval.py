@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from dpolab.batch import collate
+from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, make_batch
 from dpolab.logps import SequenceLogps
 from dpolab.tokenization import Example
 
 
 @torch.no_grad()
-def sampled_kl(policy, reference, tokenizer, prompts: list[str], samples, batch_size: int = 64) -> float:
+def sampled_kl(policy, reference, tokenizer, prompts: list[str], samples, batch_size: int = 64,
+               layout: str = DEFAULT_LAYOUT, row_tokens: int = DEFAULT_ROW_TOKENS) -> float:
     """Monte-Carlo KL(π ‖ π_ref) from answers sampled from π (``samples`` from :func:`dpolab.generate.sample`)."""
     examples = []
     for prompt, answers, finished in zip(prompts, samples.completions, samples.finished):
@@ -31,15 +32,17 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[str], samples, batch_
     pi, ref = SequenceLogps(policy), SequenceLogps(reference)
     total = 0.0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i: i + batch_size], tokenizer.pad_token_id).to(device)
+        batch = make_batch(examples[i: i + batch_size], tokenizer.pad_token_id, layout, row_tokens).to(device)
         inputs = batch.model_inputs()
         total += (pi(**inputs) - ref(**inputs)).sum().item()
     return total / len(examples)
 
 
 def task_report(policy, reference, tokenizer, task, num_prompts: int, num_samples: int, seed: int,
-                max_new_tokens: int) -> dict[str, float]:
-    """``task_reward`` (sampled, temperature 1), ``task_reward_greedy`` and ``kl`` on held-out prompts."""
+                max_new_tokens: int, layout: str = DEFAULT_LAYOUT, row_tokens: int = DEFAULT_ROW_TOKENS
+                ) -> dict[str, float]:
+    """``task_reward`` (sampled, temperature 1), ``task_reward_greedy`` and ``kl`` on held-out prompts;
+    ``layout`` and ``row_tokens`` are the batch layout of the KL's log-probs."""
     from dpolab.generate import task_scores
 
     prompts = list(task.eval_prompts[:num_prompts])
@@ -47,7 +50,8 @@ def task_report(policy, reference, tokenizer, task, num_prompts: int, num_sample
     policy.eval()
     scores = task_scores(policy, tokenizer, task.reward, prompts, num_samples=num_samples, temperature=1.0,
                          seed=seed, max_new_tokens=max_new_tokens)
-    kl = 0.0 if reference is policy else sampled_kl(policy, reference, tokenizer, prompts, scores.samples)
+    kl = 0.0 if reference is policy else sampled_kl(policy, reference, tokenizer, prompts, scores.samples,
+                                                    layout=layout, row_tokens=row_tokens)
     policy.train(was_training)
     return {"task_reward": scores.sampled_reward, "task_reward_greedy": scores.greedy_reward, "kl": kl}
 
@@ -77,7 +81,8 @@ def format_table(summary: dict) -> str:
 
 
 def evaluate_task(model: str, task: str, ref_model: str | None = None, num_prompts: int = 200,
-                  num_samples: int = 4, seed: int = 0, max_new_tokens: int = 64) -> dict[str, float]:
+                  num_samples: int = 4, seed: int = 0, max_new_tokens: int = 64,
+                  layout: str = DEFAULT_LAYOUT) -> dict[str, float]:
     """Task reward of ``ref_model`` (before) and ``model`` (after), and KL(model ‖ ref_model), on the task's
     held-out prompts; the reference defaults to the one a dpolab ``final/`` folder records."""
     from dpolab.errors import ConfigError
@@ -94,7 +99,8 @@ def evaluate_task(model: str, task: str, ref_model: str | None = None, num_promp
         raise ConfigError("task-eval needs --ref-model (or a dpolab final/ folder that records its reference)")
     tokenizer = load_tokenizer(model)
     policy, reference = load_model(model), load_model(ref_name)
-    args = dict(num_prompts=num_prompts, num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens)
+    args = dict(num_prompts=num_prompts, num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens,
+                layout=layout)
     before = task_report(reference, reference, tokenizer, task_obj, **args)
     after = task_report(policy, reference, tokenizer, task_obj, **args)
     return before_after(before, after)

@@ -22,7 +22,7 @@ import torch
 
 from dpolab import adapters
 from dpolab import metrics as M
-from dpolab.batch import Batch, collate
+from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Batch, make_batch
 from dpolab.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dpolab.config import Config
 from dpolab.distributed import check_supported, full_state_dict
@@ -73,12 +73,13 @@ def step_examples(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 
 
 def micro_batches(examples, indices: list[int], rank: int, world: int, grad_accum: int, pad_id: int,
-                  device) -> list[Batch]:
-    """This process's share of one step, cut into ``grad_accum`` micro-batches."""
+                  device, layout: str = DEFAULT_LAYOUT, row_tokens: int = DEFAULT_ROW_TOKENS) -> list[Batch]:
+    """This process's share of one step, cut into ``grad_accum`` micro-batches in the given layout."""
     share = len(indices) // world
     mine = indices[rank * share: (rank + 1) * share]
     size = share // grad_accum
-    return [collate([examples[j] for j in mine[i: i + size]], pad_id).to(device) for i in range(0, share, size)]
+    return [make_batch([examples[j] for j in mine[i: i + size]], pad_id, layout, row_tokens).to(device)
+            for i in range(0, share, size)]
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -157,7 +158,8 @@ def train(config: Config) -> dict:
         if not eval_examples:
             return {}
         result = evaluate_examples(policy, eval_ref, objective, eval_examples, config.batch_size, accelerator,
-                                   tokenizer.pad_token_id, prefix="eval/")
+                                   tokenizer.pad_token_id, prefix="eval/", layout=config.layout,
+                                   row_tokens=config.row_tokens)
         if accelerator.is_main_process:
             logger.write(step, result)
         return result
@@ -185,7 +187,7 @@ def train(config: Config) -> dict:
             t0 = time.perf_counter()
             indices = step_examples(len(train_examples), step, config.batch_size, config.seed)
             batches = micro_batches(train_examples, indices, rank, world, config.grad_accum,
-                                    tokenizer.pad_token_id, accelerator.device)
+                                    tokenizer.pad_token_id, accelerator.device, config.layout, config.row_tokens)
             stats = train_step(policy, train_ref, objective, batches, optimizer, scheduler, accelerator,
                                config.max_grad_norm, examples_per_process)
             done = step + 1
@@ -251,7 +253,7 @@ def run_task_report(config: Config, task, policy, tokenizer) -> dict[str, float]
     reference = load_model(config.ref_model or config.model, config.trust_remote_code, config.allow_pickle_weights)
     reference.to(next(policy.parameters()).device)
     args = dict(num_prompts=config.task_prompts, num_samples=config.task_samples, seed=config.seed,
-                max_new_tokens=config.task_max_new_tokens)
+                max_new_tokens=config.task_max_new_tokens, layout=config.layout, row_tokens=config.row_tokens)
     before = task_report(reference, reference, tokenizer, task, **args)
     after = task_report(policy, reference, tokenizer, task, **args)
     return before_after(before, after)
