@@ -1,6 +1,8 @@
 """The command line: parse → config → call the Python API. Flags come from the config's fields.
 
 A user's mistake (settings, files, data) prints one paragraph and exits with status 2, no traceback.
+Anything else is a bug: one paragraph saying so and where to report it, exit status 1; with DPOLAB_DEBUG=1
+the traceback is printed as well (the tests set it, so a real programming error stays visible there).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import traceback
 
 from dpolab.config import Config, field_type
 from dpolab.errors import DpolabError, Interrupted
@@ -182,6 +186,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpolab: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not the user's mistake
+        if os.environ.get("DPOLAB_DEBUG") == "1":
+            raise
+        print(internal_error(e), file=sys.stderr)
+        return 1
+
+
+BUG_REPORTS = "the dpolab issue tracker"
+
+
+def internal_error(e: BaseException) -> str:
+    """The one paragraph an unexpected exception gets instead of a traceback."""
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    at = f" in {os.path.basename(where.filename)}:{where.lineno} ({where.name})" if where else ""
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return (f"dpolab: internal error: {type(e).__name__}{': ' + text if text else ''}{at}. This is a bug in dpolab "
+            f"or a library it uses, not a problem with your settings or data; please report it to {BUG_REPORTS} "
+            "with the command you ran. Run it again with DPOLAB_DEBUG=1 in the environment to see the full "
+            "traceback.")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dpolab.errors import ConfigError
+from dpolab.guard import writing
 from dpolab.reference import read_cache, write_cache
 
 log = logging.getLogger("dpolab")
@@ -25,8 +26,15 @@ def engine(accelerator) -> str:
     return {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(name, "ddp")
 
 
-def check_supported(accelerator, save_every: int, resume: bool, grad_accum: int) -> None:
-    """Refuse loudly what dpolab does not do correctly under a sharding engine."""
+def checkpoints_supported(accelerator) -> bool:
+    """Resumable checkpoints hold full tensors; the sharded optimizer state of FSDP and ZeRO is not saved."""
+    return engine(accelerator) == "ddp"
+
+
+def check_supported(accelerator, save_every: int, resume: bool, grad_accum: int, frozen_copy: bool = False) -> None:
+    """Refuse loudly what dpolab does not do correctly under a sharding engine. ``frozen_copy``: the run
+    would keep a live frozen copy of the initial policy as its reference (no --precompute-ref, no LoRA, no
+    --ref-model)."""
     kind = engine(accelerator)
     for asked in ("fsdp", "deepspeed"):
         if os.environ.get(f"ACCELERATE_USE_{asked.upper()}", "").lower() == "true" and kind != asked:
@@ -39,6 +47,12 @@ def check_supported(accelerator, save_every: int, resume: bool, grad_accum: int)
         raise ConfigError(f"resumable checkpoints are not supported under {kind.upper()} yet (the optimizer "
                           "state is sharded); pass --save-every 0 and no --resume. final/ is still written "
                           "with full weights.")
+    if frozen_copy:
+        raise ConfigError(f"under {kind.upper()} the reference would be a frozen copy of the policy held whole, "
+                          "unsharded, on every device (only the policy is sharded), which defeats sharding; pass "
+                          "--precompute-ref (reference log-probs computed once, then no reference in memory), use "
+                          "LoRA (--lora-r: the reference is the sharded policy with its adapters off), or name a "
+                          "reference explicitly with --ref-model if it fits on every device")
     if kind == "deepspeed" and grad_accum != 1:
         raise ConfigError("under DeepSpeed, set gradient_accumulation_steps in its config and keep --grad-accum 1 "
                           "(DeepSpeed scales the loss by its own accumulation count)")
@@ -57,7 +71,8 @@ def shared_table(accelerator, cache_dir: Path, key: str, shape: tuple[int, int],
     if accelerator.num_processes == 1:
         if table is None:
             table = compute_share()
-            write_cache(cache_dir, key, table)
+            with writing(cache_dir, None):
+                write_cache(cache_dir, key, table)
         return table
     found = broadcast_object_list([table is not None])[0]
     if found:
@@ -65,16 +80,28 @@ def shared_table(accelerator, cache_dir: Path, key: str, shape: tuple[int, int],
         return broadcast(buffer.to(accelerator.device)).cpu()
     table = accelerator.reduce(compute_share().to(accelerator.device), "sum").cpu()  # rows are disjoint: exact
     if accelerator.is_main_process:
-        write_cache(cache_dir, key, table)
+        with writing(cache_dir, None):
+            write_cache(cache_dir, key, table)
     accelerator.wait_for_everyone()
     return table
 
 
 def full_state_dict(accelerator, policy) -> dict[str, Tensor] | None:
     """The policy model's full weights (keys as the Hugging Face model names them) under a sharding engine,
-    gathered on the main process; None when the unwrapped model already holds its full weights."""
-    if engine(accelerator) == "ddp":
+    gathered on the main process; None when the unwrapped model already holds its full weights.
+
+    FSDP (1 or 2): torch's ``get_model_state_dict`` with ``full_state_dict`` gathers every shard and keeps the
+    result on the main process's CPU only (what Accelerate does for FSDP2; calling torch directly also covers
+    a model sharded with ``fully_shard`` outside Accelerate, as the CPU test does). DeepSpeed: Accelerate's
+    ``get_state_dict`` (ZeRO-3 gathers 16-bit weights)."""
+    kind = engine(accelerator)
+    if kind == "ddp":
         return None
-    state = accelerator.get_state_dict(policy)  # a collective: FSDP/ZeRO-3 gather the shards
+    if kind == "fsdp":  # a collective: every process takes part
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = accelerator.get_state_dict(policy)
     prefix = "model."  # SequenceLogps holds the model as .model
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if state else None

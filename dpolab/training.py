@@ -23,12 +23,13 @@ import torch
 from dpolab import adapters
 from dpolab import metrics as M
 from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Batch, make_batch
-from dpolab.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dpolab import distributed
+from dpolab.checkpoint import (data_digest, list_checkpoints, load_checkpoint, read_state, resume_conflicts,
+                               save_checkpoint)
 from dpolab.config import Config
-from dpolab.distributed import check_supported, full_state_dict
 from dpolab.errors import ConfigError, Interrupted
 from dpolab.evaluation import evaluate_examples
-from dpolab.guard import NonFiniteGuard, StopSignals
+from dpolab.guard import NonFiniteGuard, StopSignals, writing
 from dpolab.logps import SequenceLogps
 from dpolab.losses import tr_dpo_update_
 from dpolab.objective import Objective
@@ -107,15 +108,25 @@ def train(config: Config) -> dict:
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
                           f"= {world} × {config.grad_accum}")
-    check_supported(accelerator, config.save_every, config.resume, config.grad_accum)
-    check_output_dir(out, config.resume, config.overwrite)
-    task = load_task_or_refuse(config.task)
     objective = build_objective_for(config, accelerator.gather)
+    frozen_copy = objective.needs_ref and not (config.reference_free or config.precompute_ref or config.ref_model
+                                               or config.lora_r or adapters.is_adapter_dir(config.model))
+    distributed.check_supported(accelerator, config.save_every, config.resume, config.grad_accum, frozen_copy)
+    check_output_dir(out, config.resume, config.overwrite)
+    checkpoints = list_checkpoints(out / "checkpoints") if config.resume else []
+    if checkpoints:
+        check_resume_settings(out / "config.yaml", config)
+    task = load_task_or_refuse(config.task)
     records = read_records(config)  # bad data is refused before the tokenizer or any model is loaded
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_examples, eval_examples = load_examples(config, tokenizer, records)
+    digest = data_digest(train_examples)
+    if checkpoints and read_state(checkpoints[-1]).get("extra", {}).get("data_digest", digest) != digest:
+        raise ConfigError(f"cannot resume from {checkpoints[-1]}: the training rows differ from the ones it was "
+                          "trained on (same settings, but the data file's content or the rows kept changed)")
     if accelerator.is_main_process:  # only now that settings and data are known to be good
-        prepare_output_dir(out, config.overwrite)
+        with writing(out, None):
+            prepare_output_dir(out, config.overwrite)
     accelerator.wait_for_everyone()
     steps_per_epoch = len(train_examples) // config.batch_size
     if steps_per_epoch == 0:
@@ -141,18 +152,28 @@ def train(config: Config) -> dict:
 
     # TR-DPO moves the reference, so it is part of the training state.
     synced_ref = train_ref.logps.model if config.sync_ref_model else None
-    start, tokens_seen = 0, 0.0
-    checkpoints = list_checkpoints(out / "checkpoints")
-    if config.resume and checkpoints:
+    start, tokens_seen, extra = 0, 0.0, {}
+    guard = NonFiniteGuard(config.max_nonfinite_steps)
+    if checkpoints:
         start, extra = load_checkpoint(checkpoints[-1], unwrapped, optimizer, scheduler, synced_ref)
         objective.state.update(extra.get("objective", {}))
         tokens_seen = extra.get("num_tokens", 0.0)
+        guard.total, guard.in_a_row = extra.get("skipped_steps", 0), extra.get("nonfinite_in_a_row", 0)
         log.info("resuming from %s", checkpoints[-1])
     elif config.resume:
         log.info("no checkpoint in %s: starting from the beginning", out / "checkpoints")
+    saved: list[str] = [str(checkpoints[-1])] if checkpoints else []
+    last_saved = lambda: saved[-1] if saved else None  # noqa: E731 — named in every write failure
     if accelerator.is_main_process:
-        config.save(out / "config.yaml")
-    logger = M.MetricsLog(out, start if config.resume else None, accelerator.is_main_process)
+        with writing(out / "config.yaml", last_saved()):
+            config.save(out / "config.yaml")
+        with writing(out / "metrics.jsonl", last_saved()):
+            logger = M.MetricsLog(out, start if config.resume else None, accelerator.is_main_process)
+
+    def log_metrics(step: int, values: dict[str, float]) -> None:
+        if accelerator.is_main_process:
+            with writing(out / "metrics.jsonl", last_saved()):
+                logger.write(step, values)
 
     def run_eval(step: int) -> dict[str, float]:
         if not eval_examples:
@@ -160,25 +181,23 @@ def train(config: Config) -> dict:
         result = evaluate_examples(policy, eval_ref, objective, eval_examples, config.batch_size, accelerator,
                                    tokenizer.pad_token_id, prefix="eval/", layout=config.layout,
                                    row_tokens=config.row_tokens)
-        if accelerator.is_main_process:
-            logger.write(step, result)
+        log_metrics(step, result)
         return result
 
     from tqdm.auto import tqdm
 
-    eval_before = run_eval(0) if start == 0 else {}
+    eval_before = run_eval(0) if start == 0 else extra.get("eval_before", {})
     bar = tqdm(total=total_steps, initial=start, desc="dpolab", disable=not (config.progress and
                                                                                   accelerator.is_main_process))
     examples_per_process = config.batch_size // world
-    guard = NonFiniteGuard(config.max_nonfinite_steps)
-    saved: list[str] = [str(checkpoints[-1])] if config.resume and checkpoints else []
 
     def save(step: int) -> None:
+        state = {"objective": objective.state, "num_tokens": tokens_seen, "eval_before": eval_before,
+                 "skipped_steps": guard.total, "nonfinite_in_a_row": guard.in_a_row, "data_digest": digest}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             saved.append(str(save_checkpoint(out / "checkpoints", step, unwrapped, optimizer, scheduler,
-                                             config.save_total_limit,
-                                             {"objective": objective.state, "num_tokens": tokens_seen}, synced_ref)))
+                                             config.save_total_limit, state, synced_ref)))
         accelerator.wait_for_everyone()
 
     t_start, last = time.perf_counter(), {}
@@ -198,15 +217,19 @@ def train(config: Config) -> dict:
             last = stats | {"learning_rate": scheduler.get_last_lr()[0], "epoch": done / steps_per_epoch,
                             "num_tokens": tokens_seen,
                             "tokens_per_second": stats["num_tokens"] / (time.perf_counter() - t0)}
-            if accelerator.is_main_process and (done % config.log_every == 0 or done == total_steps):
-                logger.write(done, last)
+            if done % config.log_every == 0 or done == total_steps:
+                log_metrics(done, last)
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
                             margin=f"{last['rewards/margins']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}")
             guard.update(bool(stats["skipped"]), done, saved[-1] if saved else None)
             if signum := signals.requested(accelerator):
-                save(done)
                 bar.close()
+                if not distributed.checkpoints_supported(accelerator):  # FSDP/ZeRO: as --save-every, refused
+                    raise Interrupted(f"stopped by signal {signum} after step {done}; no checkpoint was saved "
+                                      f"(resumable checkpoints are not supported under "
+                                      f"{distributed.engine(accelerator).upper()}, see docs/scaling.md)", signum)
+                save(done)
                 raise Interrupted(f"stopped by signal {signum} after step {done}; checkpoint saved in "
                                   f"{saved[-1]}; continue with --resume", signum)
             if config.eval_every and done % config.eval_every == 0 and done != total_steps:
@@ -223,16 +246,34 @@ def train(config: Config) -> dict:
     if eval_after:
         summary["eval_reward_accuracy"] = eval_after["eval/rewards/accuracies"]
     accelerator.wait_for_everyone()
-    state = full_state_dict(accelerator, policy)  # every process: FSDP/ZeRO-3 gather the shards
+    state = distributed.full_state_dict(accelerator, policy)  # every process: FSDP/ZeRO-3 gather the shards
     if accelerator.is_main_process:
-        save_final(out, unwrapped, tokenizer, config, state)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.close()
+        with writing(out / "final", last_saved(), partial=out / ".final.tmp"):
+            save_final(out, unwrapped, tokenizer, config, state)
+        with writing(out / "summary.json", last_saved()):
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            logger.close()
         from dpolab.plots import plot_metrics
 
-        plot_metrics(out / "metrics.jsonl", out / "plots")
+        with writing(out / "plots", last_saved()):
+            plot_metrics(out / "metrics.jsonl", out / "plots")
     accelerator.wait_for_everyone()
     return summary
+
+
+def check_resume_settings(saved_config: Path, config: Config) -> None:
+    """Refuse a --resume whose settings would not continue the saved run exactly (see RUN_CONTROL)."""
+    import yaml
+
+    if not saved_config.is_file():
+        return
+    conflicts = resume_conflicts(yaml.safe_load(saved_config.read_text()) or {}, config.to_dict())
+    if conflicts:
+        raise ConfigError(f"cannot resume: {', '.join(conflicts)} differ from {saved_config}, so the run would not "
+                          "continue the same trajectory. Resume with the saved values, or start a new run (another "
+                          "--output-dir, or --overwrite). Logging, saving and evaluation settings may change; "
+                          "--max-steps and --epochs only with --lr-scheduler constant (other schedules are spread "
+                          "over the total steps)")
 
 
 def load_task_or_refuse(spec: str | None):
