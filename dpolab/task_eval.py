@@ -16,16 +16,16 @@ from dpolab.tokenization import Example
 
 
 @torch.no_grad()
-def sampled_kl(policy, reference, tokenizer, prompts: list[str], samples, batch_size: int = 64,
-               layout: str = DEFAULT_LAYOUT, row_tokens: int = DEFAULT_ROW_TOKENS) -> float:
-    """Monte-Carlo KL(π ‖ π_ref) from answers sampled from π (``samples`` from :func:`dpolab.generate.sample`)."""
+def sampled_kl(policy, reference, tokenizer, prompts, samples, batch_size: int = 64, layout: str = DEFAULT_LAYOUT,
+               row_tokens: int = DEFAULT_ROW_TOKENS) -> float:
+    """Monte-Carlo KL(π ‖ π_ref) from answers sampled from π (``samples`` from :func:`dpolab.generate.sample`):
+    the mean over answers of log π(y|x) − log π_ref(y|x), on the very tokens that were sampled (EOS included
+    when the answer ended), never on a re-tokenisation of their text."""
+    from dpolab.generate import prompt_ids
+
     examples = []
-    for prompt, answers, finished in zip(prompts, samples.completions, samples.finished):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        for text, done in zip(answers, finished):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if done else [])
-            if ids:
-                examples.append(Example(len(examples), prompt_ids, [ids]))
+    for ids, answers in zip(prompt_ids(tokenizer, prompts), samples.token_ids):
+        examples += [Example(len(examples), ids, [answer]) for answer in answers if answer]
     if not examples:
         return 0.0
     device = next(policy.parameters()).device
