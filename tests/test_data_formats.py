@@ -50,7 +50,7 @@ def test_row_formats(tmp_path):
 
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 5,
-                                "score_rejected": 2, "id": 1}) + "\n")
+                                "score_rejected": 2}) + "\n")
     (rec,) = load_records(str(path))
     assert rec.margin == 3.0
 
@@ -65,15 +65,61 @@ def test_eval_split_is_seeded_and_disjoint():
     assert split_records(items, 0.0, seed=3) == (items, [])
 
 
-@pytest.mark.parametrize("option", ["bf16", "gradient_checkpointing"])
-def test_precision_and_memory_options_keep_first_loss_ln2(run_config, tmp_path, option):
+def hooked_load_model(monkeypatch, hook):
+    """Make every model dpolab loads (and, through copies, the reference) call ``hook(module, output)`` after
+    its first decoder layer's attention: inside the layer, so checkpointing's recompute runs it again
+    (transformers keeps the layer's own hooks outside the checkpoint, and the recompute stops early, inside
+    the MLP), and before the fp32 residual stream is added back."""
+    import dpolab.setup as setup
+
+    original = setup.load_model
+
+    def load(*args, **kwargs):
+        model = original(*args, **kwargs)
+        model.model.layers[0].self_attn.register_forward_hook(lambda module, inputs, output: hook(module, output[0]))
+        return model
+
+    monkeypatch.setattr(setup, "load_model", load)
+
+
+def test_bf16_autocast_runs_the_model_in_bf16(run_config, tmp_path, monkeypatch):
+    """With bf16 every forward (policy, reference, evaluation) computes its activations in bfloat16, without
+    it in float32; the first loss is still ln 2 (policy = reference under the same precision), and the
+    log-probs differ from fp32 by a bf16-sized amount: more than fp32 noise, well under 5%."""
+    import math
+
+    import torch
+
+    import dpolab
+
+    dtypes = []
+    hooked_load_model(monkeypatch, lambda module, out: dtypes.append(out.dtype))
+    runs = {}
+    for bf16 in (False, True):
+        dtypes.clear()
+        runs[bf16] = dpolab.train(**run_config(output_dir=str(tmp_path / str(bf16)), max_steps=1, bf16=bf16))
+        assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32} and len(dtypes) >= 4
+    for s in runs.values():
+        assert s["eval_before"]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    fp32, bf16 = (runs[k]["eval_before"]["eval/logps/chosen"] for k in (False, True))
+    assert 1e-4 < abs(bf16 - fp32) < 5e-2 * abs(fp32)  # fp32 reruns agree to ~1e-6
+
+
+def test_gradient_checkpointing_is_on_in_training(run_config, tmp_path, monkeypatch):
+    """With checkpointing the decoder layers' forward runs again in backward: the policy's first attention
+    runs twice per training step instead of once (reference and evaluation run in eval mode and never
+    recompute); the first loss stays ln 2."""
     import math
 
     import dpolab
 
-    s = dpolab.train(**run_config(output_dir=str(tmp_path / option), max_steps=2, **{option: True}))
-    assert s["eval_before"]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert math.isfinite(s["train"]["loss"]) and s["skipped_steps"] == 0
+    calls = []
+    hooked_load_model(monkeypatch, lambda module, out: calls.append(module.training))
+    for gc, per_step in ((False, 1), (True, 2)):
+        calls.clear()
+        s = dpolab.train(**run_config(output_dir=str(tmp_path / str(gc)), max_steps=2, gradient_checkpointing=gc))
+        assert sum(calls) == 2 * per_step
+        assert s["eval_before"]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6) and s["skipped_steps"] == 0
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
@@ -91,7 +137,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+        forwards = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *args: forwards.append(1))
         SequenceLogps(model)(**batch.model_inputs()).sum().backward()
+        assert len(forwards) == (2 if gc else 1)  # checkpointing recomputes the layer in backward
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -1,5 +1,7 @@
 """The chunked log-prob function against the plain full log_softmax + gather."""
 
+import types
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -60,9 +62,75 @@ def test_padding_and_prompt_labels_do_not_count(tiny_model):
     wider = collate(examples() + [Example(3, [11] * 20, [[12] * 20, [13]])], pad_id=3)
     torch.testing.assert_close(logps(**padded.model_inputs()), base, atol=1e-5, rtol=0)
     torch.testing.assert_close(logps(**wider.model_inputs())[:6], base, atol=1e-5, rtol=0)
-    # The sum covers exactly the completion tokens: adding the prompt tokens' own log-probs changes it.
+    # Padding token values inside the batch itself (not only the pad id the collator wrote): nothing moves.
     batch = collate(examples(), pad_id=0)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.log_softmax(-1)
-    first_prompt_token_logp = logits[0, 0, batch.input_ids[0, 1]]  # the prompt's 2nd token, not scored
-    assert abs(first_prompt_token_logp.item()) > 1e-3
-    assert batch.lengths.tolist() == [3, 7, 4, 2, 6, 6]
+    pad = batch.attention_mask == 0
+    assert pad.any()
+    batch.input_ids[pad] = torch.randint(10, 300, (int(pad.sum()),), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logps(**batch.model_inputs()), base, atol=1e-5, rtol=0)
+
+
+class Bigram(torch.nn.Module):
+    """A stand-in LM whose logits at position t depend on token t alone: a completion's log-probs then depend
+    on the prompt only through its LAST token, and every prompt token's own log-prob depends on the one
+    before it. So a function that wrongly counted prompt tokens would move when earlier prompt tokens move."""
+
+    def __init__(self, vocab: int = 40, hidden: int = 8):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, hidden, generator=g))
+            self.head.weight.copy_(torch.randn(vocab, hidden, generator=g))
+        self.config = types.SimpleNamespace()
+
+    def get_decoder(self):
+        return lambda input_ids, **kwargs: types.SimpleNamespace(last_hidden_state=self.embed(input_ids))
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def by_hand(self, prompt: list[int], completion: list[int]) -> float:
+        """Σ_j log softmax(head(embed(previous token)))[token_j] over the completion tokens only."""
+        with torch.no_grad():
+            logp = self.head(self.embed.weight).log_softmax(-1)  # (V, V): row = previous token
+        previous = [prompt[-1]] + completion[:-1]
+        return sum(logp[a, b].item() for a, b in zip(previous, completion))
+
+
+def test_prompt_and_padding_count_only_where_they_must():
+    """On the bigram model: the sums equal the hand computation over completion tokens; changing any prompt
+    token but the last, or the padding, leaves them exactly where they were; changing the last prompt token
+    (the context of the first completion token) or a completion token moves them by the hand-computed amount."""
+    model = Bigram()
+    logps = SequenceLogps(model, chunk=3)
+
+    def run(exs, pad_id=0):
+        return logps(**collate(exs, pad_id=pad_id).model_inputs()).double()
+
+    def hand(exs):
+        return torch.tensor([model.by_hand(ex.prompt_ids, c) for ex in exs for c in ex.completion_ids],
+                            dtype=torch.float64)
+
+    exs = [Example(0, [1, 2, 3, 4], [[5, 6], [7, 8, 9]]), Example(1, [10, 11], [[12], [13, 14, 15, 16]])]
+    base = run(exs)
+    torch.testing.assert_close(base, hand(exs), atol=1e-5, rtol=0)
+    # every prompt token but the last: no change at all (each has its own, different, log-prob)
+    other_prompts = [Example(0, [30, 31, 32, 4], [[5, 6], [7, 8, 9]]), Example(1, [33, 11], [[12], [13, 14, 15, 16]])]
+    torch.testing.assert_close(run(other_prompts), base, atol=1e-5, rtol=0)
+    assert abs(model.by_hand([0], [1, 2, 3, 4]) - model.by_hand([0], [30, 31, 32, 4])) > 0.1  # they would count
+    # padding: another pad id, and rows padded much longer by a long extra example
+    torch.testing.assert_close(run(exs, pad_id=39), base, atol=1e-5, rtol=0)
+    longer = run(exs + [Example(2, [1] * 12, [[2] * 9, [3]])])
+    torch.testing.assert_close(longer[:4], base, atol=1e-5, rtol=0)
+    # the last prompt token is the first completion token's context: every completion of that row moves
+    last = [Example(0, [1, 2, 3, 20], [[5, 6], [7, 8, 9]]), exs[1]]
+    moved = run(last)
+    torch.testing.assert_close(moved, hand(last), atol=1e-5, rtol=0)
+    assert (moved[:2] - base[:2]).abs().min() > 1e-3 and torch.equal(moved[2:], base[2:])
+    # a completion token moves its own sequence only
+    tail = [exs[0], Example(1, [10, 11], [[12], [13, 14, 15, 25]])]
+    moved = run(tail)
+    torch.testing.assert_close(moved, hand(tail), atol=1e-5, rtol=0)
+    assert abs(moved[3] - base[3]) > 1e-3 and torch.equal(moved[:3], base[:3])
