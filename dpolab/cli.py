@@ -124,8 +124,9 @@ def run(argv: list[str] | None = None) -> int:
 
             print(format_table(summary))
         print(f"done: {summary['steps']} steps in {summary['train_runtime_seconds']:.1f}s; output in "
-              f"{config.output_dir}" + (f"; held-out reward accuracy {ev['eval/rewards/accuracies']:.3f}, "
-                                        f"margin {ev['eval/rewards/margins']:.4f}" if ev else ""))
+              f"{config.output_dir}" + (f"; held-out reward accuracy {ev['eval/rewards/accuracies']:.3f}"
+                                        if "eval/rewards/accuracies" in ev else "")
+              + (f", margin {ev['eval/rewards/margins']:.4f}" if ev else ""))
         return 0
     if args.command == "eval":
         values = given(args, EVAL_FIELDS + extra_loss_params())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from dpolab import metrics as M
 from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, make_batch
 from dpolab.errors import DpolabError
-from dpolab.objective import Objective
+from dpolab.objective import Objective, Output
 from dpolab.tokenization import Example, Tokenizer
 
 log = logging.getLogger("dpolab")
@@ -21,20 +22,53 @@ log = logging.getLogger("dpolab")
 def evaluate_examples(policy, reference, objective: Objective, examples: list[Example], batch_size: int,
                       accelerator, pad_id: int, prefix: str = "eval/", layout: str = DEFAULT_LAYOUT,
                       row_tokens: int = DEFAULT_ROW_TOKENS) -> dict[str, float]:
-    """Mean metrics over every example; process r takes examples r, r + N, ... and the sums are reduced."""
-    was_training = policy.training
+    """Mean metrics over every example, in global batches of ``batch_size`` as in training: batch i holds
+    examples [i·B, (i+1)·B) and process r takes every N-th of them (r, r + N, ...), so the metrics (KTO's
+    batch KL estimate included) do not depend on the number of processes, up to summation order.
+
+    Every process runs the same number of batches of the same size, because a forward under FSDP and the
+    KL estimate's gather are collectives: where a process's share of the last batch is short, it is padded
+    with copies of an example, which are masked out of the gathered KL pairs and of the metric sums.
+    """
+    was_training, gather = policy.training, objective.gather
     policy.eval()
-    mine = examples[accelerator.process_index:: accelerator.num_processes]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = -(-batch_size // world) * world  # examples per global batch
     total = None
-    for i in range(0, len(mine), batch_size):
-        batch = make_batch(mine[i: i + batch_size], pad_id, layout, row_tokens).to(accelerator.device)
-        out = objective(policy(**batch.model_inputs()), reference(batch), batch)
-        total = M.add(total, M.example_sums(out))
-    if total is None:  # this process got no examples; it still joins the reduction
+    try:
+        for i in range(0, len(examples), per_step):
+            chunk = examples[i: i + per_step]
+            size = -(-len(chunk) // world)  # every process's batch size
+            mine = chunk[rank::world]
+            real = len(mine)
+            batch = make_batch(mine + [chunk[0]] * (size - real), pad_id, layout, row_tokens).to(accelerator.device)
+            if world > 1:  # KL pairs of padding rows leave the gathered estimate
+                keep = accelerator.gather((torch.arange(size) < real).float().to(accelerator.device)) > 0
+                objective.gather = lambda t, keep=keep: accelerator.gather(t)[keep]
+            out = objective(policy(**batch.model_inputs()), reference(batch), batch)
+            total = M.add(total, M.example_sums(first_examples(out, batch, real)))
+    finally:
+        objective.gather = gather
+    if total is None:  # no examples at all; every process still joins the reduction
         total = M.zeros(objective.data != "unpaired", objective.needs_kl)
     total = {k: accelerator.reduce(v.to(accelerator.device), "sum") for k, v in total.items()}
     policy.train(was_training)
     return M.means(total, prefix)
+
+
+def first_examples(out: Output, batch, n: int) -> Output:
+    """The part of ``out`` that belongs to the batch's first ``n`` examples (the rest is padding). Unpaired
+    outputs list the desirable and the undesirable examples apart, each in batch order."""
+    if n == len(out.losses):
+        return out
+    if out.paired:
+        return replace(out, losses=out.losses[:n], chosen_rewards=out.chosen_rewards[:n],
+                       rejected_rewards=out.rejected_rewards[:n], chosen_logps=out.chosen_logps[:n],
+                       rejected_logps=out.rejected_logps[:n])
+    desirable = int(batch.labels[:n].sum())
+    return replace(out, losses=out.losses[:n], chosen_rewards=out.chosen_rewards[:desirable],
+                   rejected_rewards=out.rejected_rewards[:n - desirable], chosen_logps=out.chosen_logps[:desirable],
+                   rejected_logps=out.rejected_logps[:n - desirable])
 
 
 def default_reference(model: str) -> str | None:

@@ -243,7 +243,7 @@ def train(config: Config) -> dict:
                "train": last, "eval_before": eval_before, "eval": eval_after}
     if task is not None and accelerator.is_main_process:
         summary |= run_task_report(config, task, unwrapped, tokenizer)
-    if eval_after:
+    if "eval/rewards/accuracies" in eval_after:  # paired data (unpaired rows have no pairs to rank)
         summary["eval_reward_accuracy"] = eval_after["eval/rewards/accuracies"]
     accelerator.wait_for_everyone()
     state = distributed.full_state_dict(accelerator, policy)  # every process: FSDP/ZeRO-3 gather the shards

@@ -27,10 +27,27 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch(cmd: list[str]) -> None:
+def launch(cmd: list[str], timeout: int = 600) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def two_processes(args: list[str], timeout: int = 120) -> list[subprocess.CompletedProcess]:
+    """``dpolab`` as torchrun would start it on two ranks (the same environment variables), without the
+    launcher's own error report, so that each rank's stderr is what a user sees from it."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        procs.append(subprocess.Popen([str(BIN / "dpolab"), *args], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
 
 
 def train_flags(model, ref, data, out) -> list[str]:
@@ -115,3 +132,80 @@ def test_a_sharding_config_that_accelerate_cannot_honour_is_refused(monkeypatch)
     with pytest.raises(dpolab.ConfigError, match="checkpoints are not supported under FSDP"):
         check_supported(fsdp, save_every=500, resume=False, grad_accum=1)
     check_supported(fsdp, save_every=0, resume=False, grad_accum=1)
+
+
+def unpaired(rows: list[dict]) -> list[dict]:
+    return [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"} for r in rows
+            for key in ("chosen", "rejected")]
+
+
+def test_kto_evaluation_with_an_odd_eval_set_under_two_processes(tiny_model, tmp_path):
+    """KTO's batch KL estimate is gathered over the processes. With 9 held-out rows the ranks get 5 and 4:
+    every rank must still make the same collective calls (the short share is padded with a masked copy),
+    and the metrics, the gathered KL included, must equal the one-process run's.
+
+    Not the losses: the KTO loss takes its reference point z from the KL pairs the objective hands it, which
+    are this process's only (objective.py passes P[:, 1], R[:, 1] ungathered), so under N processes z is a
+    per-process estimate and the loss differs from one process's. Reported to the owner of objective.py."""
+    import dpolab
+    from tests.conftest import preference_rows, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", unpaired(preference_rows(16)))
+    held = write_jsonl(tmp_path / "eval.jsonl", unpaired(preference_rows(5, seed=3))[:9])
+    flags = dict(model=str(tiny_model), data=str(train), eval_data=str(held), loss="kto", batch_size=4,
+                 max_steps=2, learning_rate=1e-3, save_every=0, progress=False)
+    dpolab.train(**flags, output_dir=str(tmp_path / "one"))
+    cli_flags = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if k != "progress"]
+    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "--no-python",
+            str(BIN / "dpolab"), "train", *cli_flags, "--no-progress", "--output-dir", str(tmp_path / "two")],
+           timeout=300)
+    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
+    evals = [r for r in one if "eval/kl" in r]
+    assert len(evals) == 2 and [r["step"] for r in one] == [r["step"] for r in two]
+    for x, y in zip(one, two):
+        for k in x:
+            if k not in ("tokens_per_second", "loss", "eval/loss"):
+                assert y[k] == pytest.approx(x[k], abs=1e-5), (x["step"], k)
+    assert evals[-1]["eval/kl"] > 0  # the KL compared above is not trivially 0
+
+
+def test_batch_size_not_divisible_by_processes_is_refused_before_loading(tmp_path):
+    """6 examples per step cannot be split over 2 processes × 2 micro-batches: both ranks say so, before
+    anything is read (the model and data paths do not even exist), in one paragraph."""
+    out = tmp_path / "o"
+    for r in two_processes(["train", "--model", "/nonexistent", "--data", "/nonexistent.jsonl", "--output-dir",
+                            str(out), "--batch-size", "6", "--grad-accum", "2"]):
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "batch_size 6 must be divisible by processes × grad_accum = 2 × 2" in r.stderr
+        assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_sharding_refuses_a_frozen_reference_copy_and_a_signal_saves_nothing(monkeypatch, run_config, tmp_path):
+    """Under FSDP (here: dpolab told it is sharded) a live frozen copy of the policy would sit whole on every
+    device: refused unless precomputed, LoRA or an explicit --ref-model. A signal then stops the run like
+    --save-every: no checkpoint (they are refused under sharding), exit status 128 + signal."""
+    import signal as sig
+
+    import dpolab
+    import dpolab.distributed as D
+    from dpolab.errors import Interrupted
+    from dpolab.losses import LOSSES, Loss, sigmoid
+
+    monkeypatch.setattr(D, "engine", lambda accelerator: "fsdp")
+    with pytest.raises(dpolab.ConfigError, match="the reference would be a frozen copy of the policy held whole"):
+        dpolab.train(**run_config(output_dir=str(tmp_path / "a")))
+
+    def terminated_at_step_2(*args, _calls=[0], **kwargs):
+        _calls[0] += torch.is_grad_enabled()
+        if _calls[0] == 2 and torch.is_grad_enabled():
+            os.kill(os.getpid(), sig.SIGTERM)  # arrives mid-step; the step finishes first
+        return sigmoid(*args, **kwargs)
+
+    monkeypatch.setitem(LOSSES, "sigterm_test", Loss("sigterm_test", terminated_at_step_2, params=("label_smoothing",)))
+    out = tmp_path / "b"
+    with pytest.raises(Interrupted, match=r"stopped by signal 15 after step 2; no checkpoint was saved \(resumable "
+                                          "checkpoints are not supported under FSDP") as e:
+        dpolab.train(**run_config(output_dir=str(out), loss="sigterm_test", precompute_ref=True, max_steps=4))
+    assert e.value.exit_code == 143
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()
