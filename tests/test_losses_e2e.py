@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import random
+import types
 from pathlib import Path
 
 import pytest
@@ -73,11 +74,31 @@ def test_kto_on_pairs_needs_unpair_and_then_trains(tiny_model, datasets, tmp_pat
     assert "kl" in s["train"] and s["train"]["kl"] >= 0
 
 
-@pytest.mark.parametrize("name", sorted(n for n in LOSSES if LOSSES[n].data == "paired"))
-def test_every_paired_loss_is_reachable_from_eval(name, tiny_model, other_model, datasets):
-    ref = str(other_model) if LOSSES[name].needs_ref else None  # a reference-free loss refuses one
-    m = dpolab.evaluate(str(tiny_model), str(data_for(name, datasets)), ref_model=ref, loss=name, batch_size=16)
-    assert math.isfinite(m["eval/loss"]) and set(m) >= {"eval/rewards/margins", "eval/rewards/accuracies"}
+EVAL_CASES = [(name, False) for name in sorted(LOSSES)] + [("sigmoid", True), ("ipo", True)]
+
+
+@pytest.mark.parametrize("name,reference_free", EVAL_CASES, ids=[n + ("-ref-free" if f else "") for n, f in EVAL_CASES])
+def test_every_loss_is_reachable_from_dpolab_eval(name, reference_free, tiny_model, other_model, datasets, capsys):
+    """`dpolab eval --loss NAME` for every loss (paired, ranked, reference-free, and unpaired losses on pairs
+    through --unpair), equal to the Python API; a reference loss also runs --reference-free."""
+    loss = LOSSES[name]
+    data = datasets["paired"] if loss.data == "unpaired" else data_for(name, datasets)
+    settings = {"unpair": True} if loss.data == "unpaired" else {}
+    if reference_free:
+        settings["reference_free"] = True
+    ref = str(other_model) if loss.needs_ref and not reference_free else None
+    argv = ["eval", "--model", str(tiny_model), "--data", str(data), "--loss", name, "--batch-size", "8", "--json"]
+    argv += ["--ref-model", ref] if ref else []
+    argv += [f"--{k.replace('_', '-')}" for k in settings]
+    assert cli.run(argv) == 0
+    from_cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    api = dpolab.evaluate(str(tiny_model), str(data), ref_model=ref, loss=name, batch_size=8, **settings)
+    assert from_cli == pytest.approx(api, abs=1e-9) and math.isfinite(api["eval/loss"])
+    assert {"eval/loss", "eval/rewards/chosen"} | ({"eval/kl"} if loss.needs_kl else set()) <= set(api)
+    if reference_free:  # the rewards are β·π: the reference model is not used
+        plain = dpolab.evaluate(str(tiny_model), str(data), ref_model=str(other_model), loss=name, batch_size=8)
+        assert api["eval/rewards/chosen"] == pytest.approx(0.1 * api["eval/logps/chosen"], abs=1e-6)
+        assert abs(plain["eval/loss"] - api["eval/loss"]) > 1e-4
 
 
 # ------------------------------------------------------------------ dpolab eval vs TRL 1.16
@@ -132,3 +153,125 @@ def test_dpolab_eval_agrees_with_trl(name, tiny_model, other_model, datasets):
     ours = dpolab.evaluate(str(tiny_model), str(datasets["paired"]), ref_model=ref_model, loss=name,
                            batch_size=B)  # one batch: batch-coupled losses see what TRL sees
     assert ours["eval/loss"] == pytest.approx(trl_loss, abs=1e-5)
+
+
+# ------------------------------------------------------------------ the other trainers of TRL 1.16
+
+
+def hand_examples(model_dir, rows, key_pairs=("chosen", "rejected")):
+    """Plain-text tokenisation by hand (SPEC §4): prompt with special tokens, completion without, then EOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for r in rows:
+        p = tok(r["prompt"])["input_ids"]
+        out.append((p, [tok(r[k], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for k in key_pairs]))
+    return out
+
+
+def token_logps_of(model, prompt_ids, completion_ids) -> torch.Tensor:
+    with torch.no_grad():
+        lp = model(torch.tensor([prompt_ids + completion_ids])).logits[0].double().log_softmax(-1)
+    return torch.stack([lp[len(prompt_ids) - 1 + j, t] for j, t in enumerate(completion_ids)])
+
+
+def trl_pair_batch(examples, pad_id):
+    """TRL's CPO/ORPO batch: chosen_/rejected_ input_ids, attention_mask, labels (−100 on prompt and padding)."""
+    batch = {}
+    for k, side in enumerate(("chosen", "rejected")):
+        seqs = [p + c[k] for p, c in examples]
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), pad_id)
+        attn = torch.zeros(len(seqs), T, dtype=torch.long)
+        labels = torch.full((len(seqs), T), -100)
+        for i, ((p, c), seq) in enumerate(zip(examples, seqs)):
+            ids[i, : len(seq)], attn[i, : len(seq)] = torch.tensor(seq), 1
+            labels[i, len(p): len(seq)] = torch.tensor(c[k])
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": attn, f"{side}_labels": labels})
+    return batch
+
+
+# dpolab name, TRL CPOTrainer attributes for dpolab's defaults (see test_losses_trl.CPO_CASES)
+CPO_FAMILY = [
+    ("cpo", dict(loss_type="sigmoid", cpo_alpha=1.0, label_smoothing=0.0, alpha=0.0, simpo_gamma=0.5, beta=0.1)),
+    ("simpo", dict(loss_type="simpo", cpo_alpha=0.0, label_smoothing=0.0, alpha=0.0, simpo_gamma=1.0, beta=2.0)),
+    ("alphapo", dict(loss_type="simpo", cpo_alpha=0.0, label_smoothing=0.0, alpha=0.25, simpo_gamma=1.0, beta=2.0)),
+]
+
+
+@pytest.mark.parametrize("name,trl_attrs", CPO_FAMILY, ids=[c[0] for c in CPO_FAMILY])
+def test_dpolab_eval_agrees_with_trl_cpo_trainer(name, trl_attrs, tiny_model, datasets):
+    """CPO, SimPO and AlphaPO: `dpolab eval` (defaults) against TRL 1.16's CPOTrainer loss code running the same
+    tiny model on the same rows in one batch (CPO's NLL is a mean over the batch's chosen tokens)."""
+    from tests.test_losses_trl import trl_experimental_loss_and_metrics
+    from transformers import AutoModelForCausalLM
+
+    rows = [json.loads(line) for line in Path(datasets["paired"]).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    batch = trl_pair_batch(hand_examples(tiny_model, rows), pad_id=0)
+    with torch.no_grad():
+        trl_loss, _ = trl_experimental_loss_and_metrics("cpo", batch, model, **trl_attrs)
+    ours = dpolab.evaluate(str(tiny_model), str(datasets["paired"]), loss=name, batch_size=len(rows))
+    assert ours["eval/loss"] == pytest.approx(trl_loss.item(), abs=1e-5)
+
+
+def test_dpolab_eval_agrees_with_trl_orpo_trainer_up_to_its_prompt_nll(tiny_model, datasets):
+    """ORPO: TRL 1.16's ORPOTrainer adds the prompt tokens to the NLL (documented deviation); with TRL's NLL
+    swapped for the completion-token NLL computed by hand, the two agree."""
+    from tests.test_losses_trl import trl_experimental_loss_and_metrics
+    from transformers import AutoModelForCausalLM
+
+    rows = [json.loads(line) for line in Path(datasets["paired"]).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    examples = hand_examples(tiny_model, rows)
+    with torch.no_grad():
+        trl_loss, metrics = trl_experimental_loss_and_metrics("orpo", trl_pair_batch(examples, 0), model, beta=0.1)
+    chosen = [token_logps_of(model, p, c[0]) for p, c in examples]
+    our_nll = -sum(x.sum() for x in chosen) / sum(len(x) for x in chosen)
+    ours = dpolab.evaluate(str(tiny_model), str(datasets["paired"]), loss="orpo", batch_size=len(rows))
+    expected = trl_loss.item() - float(metrics["nll_loss"]) + our_nll.item()
+    assert ours["eval/loss"] == pytest.approx(expected, abs=1e-5)
+    assert abs(float(metrics["nll_loss"]) - our_nll.item()) > 1e-3  # the deviation is real here
+
+
+def test_dpolab_eval_agrees_with_trl_kto_trainer(tiny_model, other_model, datasets):
+    """KTO on unpaired rows: TRL 1.16's KTOTrainer loss code fed per-token log-probs from independent forward
+    passes of the policy and the reference on the rows and on dpolab's mismatched (prompt, completion) KL pairs,
+    in one batch (the KL estimate is a batch mean); loss and the kl metric agree."""
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.tokenization import Example, add_mismatched_completions
+    from tests.test_losses_trl import _Model, _stub, trl_kto
+
+    rows = [json.loads(line) for line in Path(datasets["unpaired"]).read_text().splitlines()]
+    hand = hand_examples(tiny_model, rows, key_pairs=("completion",))
+    examples = add_mismatched_completions([Example(i, p, c, bool(r["label"])) for i, ((p, c), r) in
+                                           enumerate(zip(hand, rows))], seed=42, max_length=512)
+    n = len(examples)
+    sums, tokens = {}, {}
+    for which, path in (("policy", tiny_model), ("ref", other_model)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for k in (0, 1):  # the row's completion, the KL pair's
+            lps = [token_logps_of(model, ex.prompt_ids, ex.completion_ids[k]) for ex in examples]
+            T = max(map(len, lps)) + 1
+            padded = torch.zeros(n, T - 1, dtype=torch.float64)
+            for i, x in enumerate(lps):
+                padded[i, : len(x)] = x
+            tokens[which, k], sums[which, k] = padded, padded.sum(-1)
+    mask = lambda x: (torch.arange(x.shape[1] + 1)[None] >= 1).long().expand(n, -1)  # noqa: E731
+    kl_ids = torch.ones(n, tokens["policy", 1].shape[1] + 1, dtype=torch.long)
+    inputs = dict(input_ids=torch.ones(n, tokens["policy", 0].shape[1] + 1, dtype=torch.long),
+                  attention_mask=mask(tokens["policy", 0]), completion_mask=mask(tokens["policy", 0]),
+                  KL_input_ids=kl_ids, KL_attention_mask=mask(tokens["policy", 1]),
+                  KL_completion_mask=mask(tokens["policy", 1]),
+                  label=torch.tensor([ex.label for ex in examples]), ref_logps=sums["ref", 0], ref_KL_logps=sums["ref", 1])
+    stub = _stub(calculate_KL=True, precompute_ref_logps=True, loss_type="kto", beta=0.1, desirable_weight=1.0,
+                 undesirable_weight=1.0)
+    stub._compute_kl_logps = types.MethodType(trl_kto.KTOTrainer._compute_kl_logps, stub)
+    trl_loss = trl_kto.KTOTrainer._compute_loss(stub, _Model(tokens["policy", 0], by_input={id(kl_ids): tokens["policy", 1]}),
+                                               inputs, return_outputs=False)
+    ours = dpolab.evaluate(str(tiny_model), str(datasets["unpaired"]), ref_model=str(other_model), loss="kto",
+                           batch_size=n)
+    assert ours["eval/loss"] == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert ours["eval/kl"] == pytest.approx(float(stub._metrics["train"]["kl"][-1]), abs=1e-5)

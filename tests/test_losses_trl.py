@@ -326,6 +326,14 @@ def _our_logps(logits, batch):
 
 
 def _trl_experimental(kind, batch, logits, **attrs):
+    """TRL's CPO/ORPO loss on the given logits (2B, T, V)."""
+    model = lambda *a, **k: types.SimpleNamespace(logits=logits)  # noqa: E731
+    return trl_experimental_loss_and_metrics(kind, batch, model, **attrs)[0]
+
+
+def trl_experimental_loss_and_metrics(kind, batch, model, **attrs):
+    """TRL 1.16's ``CPOTrainer`` (kind "cpo") or ``ORPOTrainer`` (kind "orpo") ``get_batch_loss_metrics`` on
+    ``batch`` (chosen/rejected input ids, attention masks, labels), with ``model`` returning ``.logits``."""
     if kind == "cpo":
         mod = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
         cls, loss_method = mod.CPOTrainer, "cpo_loss"
@@ -336,8 +344,7 @@ def _trl_experimental(kind, batch, logits, **attrs):
                  get_batch_logps=cls.get_batch_logps, **attrs)
     stub.concatenated_forward = types.MethodType(cls.concatenated_forward, stub)
     setattr(stub, loss_method, types.MethodType(getattr(cls, loss_method), stub))
-    model = lambda *a, **k: types.SimpleNamespace(logits=logits)  # noqa: E731
-    return cls.get_batch_loss_metrics(stub, model, batch)[0]
+    return cls.get_batch_loss_metrics(stub, model, batch)
 
 
 CPO_CASES = [
