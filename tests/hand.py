@@ -49,7 +49,7 @@ def token_logps(model_dir, prompt: str, completion: str, weights: str | None = N
     return torch.stack([lp[len(p) - 1 + j, t] for j, t in enumerate(c)])  # (n,)
 
 
-def pair_logps(model_dir, rows: list[dict], weights: str | Path | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def pair_logps(model_dir, rows: list[dict], weights: str | Path | None = None) -> list[tuple[torch.Tensor, ...]]:
     """Per row: (chosen token log-probs, rejected token log-probs)."""
     w = None if weights is None else str(weights)
     return [(token_logps(model_dir, r["prompt"], r["chosen"], w), token_logps(model_dir, r["prompt"], r["rejected"], w))

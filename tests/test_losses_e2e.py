@@ -265,12 +265,13 @@ def test_dpolab_eval_agrees_with_trl_kto_trainer(tiny_model, other_model, datase
                   attention_mask=mask(tokens["policy", 0]), completion_mask=mask(tokens["policy", 0]),
                   KL_input_ids=kl_ids, KL_attention_mask=mask(tokens["policy", 1]),
                   KL_completion_mask=mask(tokens["policy", 1]),
-                  label=torch.tensor([ex.label for ex in examples]), ref_logps=sums["ref", 0], ref_KL_logps=sums["ref", 1])
+                  label=torch.tensor([ex.label for ex in examples]), ref_logps=sums["ref", 0],
+                  ref_KL_logps=sums["ref", 1])
     stub = _stub(calculate_KL=True, precompute_ref_logps=True, loss_type="kto", beta=0.1, desirable_weight=1.0,
                  undesirable_weight=1.0)
     stub._compute_kl_logps = types.MethodType(trl_kto.KTOTrainer._compute_kl_logps, stub)
-    trl_loss = trl_kto.KTOTrainer._compute_loss(stub, _Model(tokens["policy", 0], by_input={id(kl_ids): tokens["policy", 1]}),
-                                               inputs, return_outputs=False)
+    policy = _Model(tokens["policy", 0], by_input={id(kl_ids): tokens["policy", 1]})
+    trl_loss = trl_kto.KTOTrainer._compute_loss(stub, policy, inputs, return_outputs=False)
     ours = dpolab.evaluate(str(tiny_model), str(datasets["unpaired"]), ref_model=str(other_model), loss="kto",
                            batch_size=n)
     assert ours["eval/loss"] == pytest.approx(trl_loss.item(), abs=1e-5)
