@@ -96,7 +96,7 @@ class SequenceLogps(nn.Module):
         the model gets the 4D mask they define instead of the 2D padding mask."""
         if segment_ids is not None:
             attention_mask = attention_mask_for(self.model.config, segment_ids, branch_ids, position_ids,
-                                                self.model.dtype)
+                                                getattr(self.model, "dtype", torch.float32))
         decoder = self.model.get_decoder()
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state

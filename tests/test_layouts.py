@@ -135,6 +135,33 @@ def test_every_layout_gives_the_same_loss_and_gradients(kind, tiny_model, other_
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4, msg=str(key))
 
 
+def test_the_lm_head_runs_only_on_scored_positions_in_chunks(tiny_model, tokenizer):
+    """Logits exist only for the positions that predict a completion token, at most ``chunk`` rows at a
+    time: never the [N, T, V] tensor, whatever the layout."""
+    model = load(tiny_model)
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    exs = examples_of("ranked", tokenizer)
+    for layout, row_tokens in LAYOUT_SETTINGS:
+        rows.clear()
+        b = make_batch(exs, tokenizer.pad_token_id, layout, row_tokens)
+        SequenceLogps(model, chunk=8)(**b.model_inputs()).sum().backward()  # backward recomputes each chunk
+        scored = sum(len(c) for ex in exs for c in ex.completion_ids)
+        assert max(rows) <= 8 and sum(rows) == 2 * scored, layout
+
+
+def test_ld_dpo_weights_follow_each_sequence_in_every_layout(tiny_model, tokenizer):
+    """LD-DPO weighs a sequence's tokens by their rank within it; packing must keep that order."""
+    model = load(tiny_model)
+    exs = examples_of("standard", tokenizer)
+    with torch.no_grad():
+        got = {s: SequenceLogps(model, chunk=3, ld_alpha=0.5)(**make_batch(exs, 0, *s).model_inputs())
+               for s in LAYOUT_SETTINGS}
+    for s, v in got.items():
+        torch.testing.assert_close(v, got["padded", 0], atol=1e-5, rtol=0, msg=str(s))
+    assert not torch.allclose(got["padded", 0], alone(model, exs), atol=1e-3)  # the weights did something
+
+
 def test_gradient_checkpointing_with_a_packed_batch(tiny_model, tokenizer):
     exs = examples_of("standard", tokenizer)
     grads = []
