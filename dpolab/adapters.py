@@ -52,8 +52,10 @@ def is_peft(model) -> bool:
 
 
 def load_policy(name: str, lora_r: int, lora_alpha: float, lora_dropout: float, target_modules: str,
-                trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
-    """The model to train: plain, base + a new LoRA adapter, or base + an existing adapter (see above)."""
+                trust_remote_code: bool = False, allow_pickle: bool = False, load_in_4bit: bool = False
+                ) -> torch.nn.Module:
+    """The model to train: plain, base + a new LoRA adapter, or base + an existing adapter (see above).
+    ``load_in_4bit`` (QLoRA): the base is loaded quantised and prepared for k-bit training first."""
     from dpolab.setup import load_model
 
     if is_adapter_dir(name):
@@ -62,12 +64,12 @@ def load_policy(name: str, lora_r: int, lora_alpha: float, lora_dropout: float, 
                               "further (its own rank and targets are kept)")
         from peft import PeftModel
 
-        base = load_model(base_of(name), trust_remote_code, allow_pickle)
+        base = prepare_base(load_model(base_of(name), trust_remote_code, allow_pickle, load_in_4bit), load_in_4bit)
         model = PeftModel.from_pretrained(base, name, adapter_name=TRAINED, is_trainable=True)
         model.load_adapter(name, adapter_name=STARTING, is_trainable=False)
         model.set_adapter(TRAINED)  # trainable again after loading the frozen copy
         return model
-    model = load_model(name, trust_remote_code, allow_pickle)
+    model = prepare_base(load_model(name, trust_remote_code, allow_pickle, load_in_4bit), load_in_4bit)
     if not lora_r:
         return model
     from peft import LoraConfig, get_peft_model
@@ -81,6 +83,29 @@ def load_policy(name: str, lora_r: int, lora_alpha: float, lora_dropout: float, 
         raise ConfigError(f"cannot add LoRA adapters to {name}: {str(e).splitlines()[0]}") from None
     log.info("LoRA r=%d: training %d of %d parameters", lora_r, *trainable_count(model))
     return model
+
+
+def qlora_unavailable() -> str | None:
+    """Why a 4-bit base cannot be loaded here (bitsandbytes' 4-bit kernels need CUDA), or None."""
+    import importlib.util
+
+    missing = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                     ("the bitsandbytes package (pip install bitsandbytes)",
+                                      importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
+    if not missing:
+        return None
+    return (f"QLoRA (4-bit base weights) needs {' and '.join(missing)}, which this machine lacks; train LoRA on "
+            "the full-precision base instead (drop --load-in-4bit), or run where both are available")
+
+
+def prepare_base(model, load_in_4bit: bool):
+    """A 4-bit base as PEFT wants it for training: norms and head in fp32, inputs that carry gradients.
+    Gradient checkpointing stays dpolab's own switch (--gradient-checkpointing)."""
+    if not load_in_4bit:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def trainable_count(model) -> tuple[int, int]:
@@ -135,17 +160,17 @@ def save_adapter(model, path: Path, state_dict: dict[str, Tensor] | None = None)
     model.save_pretrained(path, selected_adapters=[TRAINED], safe_serialization=True, state_dict=state_dict)
 
 
-def load_merged(adapter_dir: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """Base + adapter, merged into plain weights."""
+def load_merged(adapter_dir: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
+    """Base + adapter, merged into plain weights (the base from safetensors unless ``allow_pickle``)."""
     from peft import PeftModel
 
     from dpolab.setup import load_model
 
-    base = load_model(base_of(adapter_dir), trust_remote_code)
+    base = load_model(base_of(adapter_dir), trust_remote_code, allow_pickle)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def merge(adapter_dir: str, output: str, trust_remote_code: bool = False) -> Path:
+def merge(adapter_dir: str, output: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
     """Write the adapter merged into its base as a Hugging Face model folder (with tokenizer and, from a
     dpolab run, ``dpolab.json``), loadable by ``AutoModelForCausalLM.from_pretrained``."""
     from dpolab.setup import load_tokenizer
@@ -153,7 +178,7 @@ def merge(adapter_dir: str, output: str, trust_remote_code: bool = False) -> Pat
     if not is_adapter_dir(adapter_dir):
         raise DpolabError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
     out = Path(output)
-    model = load_merged(adapter_dir, trust_remote_code)
+    model = load_merged(adapter_dir, trust_remote_code, allow_pickle)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer_from = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_of(adapter_dir)
     load_tokenizer(tokenizer_from, trust_remote_code).save_pretrained(out)

@@ -87,13 +87,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--response", required=True)
     s.add_argument("--beta", type=float, default=0.1)
     s.add_argument("--trust-remote-code", action="store_true")
-    add_flags(s, ["layout"])
+    add_flags(s, ["layout", "allow_pickle_weights"])
     s.add_argument("--json", action="store_true", help="print reward and log-probs as JSON")
 
     m = sub.add_parser("merge", help="fold a LoRA adapter (e.g. a LoRA run's final/) into its base weights")
     m.add_argument("--adapter", required=True, metavar="DIR", help="a PEFT adapter folder (adapter_config.json)")
     m.add_argument("--output", required=True, metavar="DIR", help="where to write the merged Hugging Face model")
     m.add_argument("--trust-remote-code", action="store_true")
+    add_flags(m, ["allow_pickle_weights"])
     return p
 
 
@@ -161,13 +162,15 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "score":
         result = dpolab.score(args.model, args.prompt, args.response, ref_model=args.ref_model, beta=args.beta,
-                              trust_remote_code=args.trust_remote_code, **given(args, ["layout"]))
+                              trust_remote_code=args.trust_remote_code,
+                              **given(args, ["layout", "allow_pickle_weights"]))
         print(json.dumps(result) if args.json else f"{result['reward']:.6f}")
         return 0
     if args.command == "merge":
         from dpolab.adapters import merge
 
-        print(f"merged model in {merge(args.adapter, args.output, args.trust_remote_code)}")
+        path = merge(args.adapter, args.output, args.trust_remote_code, bool(args.allow_pickle_weights))
+        print(f"merged model in {path}")
         return 0
     return 2
 

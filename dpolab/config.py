@@ -118,6 +118,11 @@ class Config:
     lora_target_modules: str = opt("all-linear", "Comma-separated module names, or all-linear.")
     merge_on_save: bool = opt(False, "With LoRA: also write OUTPUT_DIR/merged, the adapter folded into the base "
                                      "weights (a plain Hugging Face model); final/ keeps the adapter.")
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, double quantisation, "
+                                    "bf16 compute) and train LoRA adapters on it; needs --lora-r (or an adapter "
+                                    "as --model), a CUDA GPU and the bitsandbytes package, and is refused "
+                                    "without them. final/ holds the adapter; merging loads the base in full "
+                                    "precision.")
     # --- run control
     eval_every: int = opt(0, "Evaluate every N optimizer steps (0: only before and after training).")
     save_every: int = opt(500, "Save a resumable checkpoint every N optimizer steps (0: never).")
@@ -184,6 +189,12 @@ class Config:
              "ref_device: with LoRA the reference is the policy itself with its adapters off, on the policy's "
              "device; give --ref-model for a separate reference model")
         need(lora or not self.merge_on_save, "merge_on_save needs LoRA (--lora-r > 0 or an adapter as --model)")
+        if self.load_in_4bit:
+            from dpolab.adapters import qlora_unavailable
+
+            need(lora, "load_in_4bit (QLoRA) quantises the frozen base, which cannot be trained itself: add LoRA "
+                       "adapters with --lora-r (or give an adapter folder as --model)")
+            need(qlora_unavailable() is None, f"load_in_4bit: {qlora_unavailable()}")
         need(len({LOSSES[n].data for n in names}) == 1, f"losses {self.loss} need different kinds of data")
         need(0 < self.exo_epsilon < 1, f"exo_epsilon must be in (0, 1), got {self.exo_epsilon}")
         need(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
@@ -286,6 +297,10 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f", line {mark.line + 1}" if mark else ""
+            if isinstance(e, yaml.constructor.ConstructorError):  # e.g. !!python/object/apply:os.system
+                raise ConfigError(f"{path}{line}: a YAML tag that would build a Python object or run code "
+                                  f"({getattr(e, 'problem', e)}); config files are read with yaml.safe_load, which "
+                                  "accepts plain values only") from None
             raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
         if raw is None:
             raw = {}

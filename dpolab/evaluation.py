@@ -119,9 +119,11 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str = "s
 
 @torch.no_grad()
 def score(model: str, prompt, response, ref_model: str | None = None, beta: float = 0.1,
-          trust_remote_code: bool = False, layout: str = DEFAULT_LAYOUT) -> dict[str, float]:
+          trust_remote_code: bool = False, layout: str = DEFAULT_LAYOUT,
+          allow_pickle_weights: bool = False) -> dict[str, float]:
     """The implicit reward β·(log π(y|x) − log π_ref(y|x)) of ``response`` to ``prompt``, tokenised as in
-    training (plain text, or message lists with the chat template). Returns the reward and both log-probs."""
+    training (plain text, or message lists with the chat template). Returns the reward and both log-probs.
+    Weights load from safetensors only unless ``allow_pickle_weights``."""
     from dpolab.data import Record
     from dpolab.logps import SequenceLogps
     from dpolab.setup import load_model, load_tokenizer
@@ -133,7 +135,8 @@ def score(model: str, prompt, response, ref_model: str | None = None, beta: floa
     ref_name = ref_model or default_reference(model)
     if ref_name is None:
         raise DpolabError("score needs --ref-model (the reference the implicit reward is measured against)")
-    logp = SequenceLogps(load_model(model, trust_remote_code))(**batch.model_inputs()).item()
-    ref_logp = SequenceLogps(load_model(ref_name, trust_remote_code))(**batch.model_inputs()).item()
+    logp = SequenceLogps(load_model(model, trust_remote_code, allow_pickle_weights))(**batch.model_inputs()).item()
+    ref_logp = SequenceLogps(load_model(ref_name, trust_remote_code, allow_pickle_weights))(
+        **batch.model_inputs()).item()
     return {"reward": beta * (logp - ref_logp), "logp": logp, "ref_logp": ref_logp,
             "tokens": int(batch.lengths[0])}

@@ -63,24 +63,36 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
+def load_model(name: str, trust_remote_code: bool = False, allow_pickle: bool = False,
+               load_in_4bit: bool = False) -> torch.nn.Module:
     """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights unless ``allow_pickle``.
-    A PEFT adapter folder gives its base with the adapter merged in."""
+    A PEFT adapter folder gives its base with the adapter merged in. ``load_in_4bit``: the weights are
+    quantised to NF4 by bitsandbytes on this process's GPU (QLoRA; Config.validate refuses it elsewhere)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from dpolab import adapters
 
     if adapters.is_adapter_dir(name):
-        return adapters.load_merged(name, trust_remote_code)
+        return adapters.load_merged(name, trust_remote_code, allow_pickle)
 
     hf_logging.disable_progress_bar()
+    quantized = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quantized = dict(device_map={"": torch.cuda.current_device()}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16))
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
                                                      use_safetensors=None if allow_pickle else True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **quantized)
     except (OSError, ValueError) as e:
         msg = first_line(e)
+        if "custom code" in msg or "trust_remote_code" in msg:
+            msg += (" — dpolab runs no code from a model folder or the hub unless you pass --trust-remote-code "
+                    "(do so only for a source you trust)")
         if "safetensors" in msg or ".bin" in msg:
             msg += (" — dpolab loads weights from safetensors only, because pickle files can run code; "
                     "convert the checkpoint with save_pretrained(safe_serialization=True), or pass "

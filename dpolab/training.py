@@ -135,7 +135,8 @@ def train(config: Config) -> dict:
 
     torch.manual_seed(config.seed)
     model = adapters.load_policy(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
-                                 config.lora_target_modules, config.trust_remote_code, config.allow_pickle_weights)
+                                 config.lora_target_modules, config.trust_remote_code, config.allow_pickle_weights,
+                                 config.load_in_4bit)
     train_ref, eval_ref = build_reference(config, objective, model, train_examples, eval_examples, accelerator,
                                           tokenizer.pad_token_id)
     if config.gradient_checkpointing:
@@ -319,4 +320,4 @@ def save_final(out: Path, model, tokenizer, config: Config, state_dict=None) -> 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if config.merge_on_save:
-        adapters.merge(str(final), str(out / "merged"), config.trust_remote_code)
+        adapters.merge(str(final), str(out / "merged"), config.trust_remote_code, config.allow_pickle_weights)

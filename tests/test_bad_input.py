@@ -126,6 +126,8 @@ def test_cli_bad_data_is_one_paragraph_without_traceback(tiny_model, tmp_path):
     (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
     (["--loss", "nope"], "unknown loss 'nope'"),
     (["--lr-scheduler", "step"], "lr_scheduler must be one of"),
+    (["--loss", "simpo", "--ref-model", "/nonexistent-ref"], "--ref-model was given but simpo uses no reference"),
+    (["--reference-free", "--ref-model", "/nonexistent-ref"], "--ref-model was given but reference_free uses no"),
 ])
 def test_cli_bad_settings_refused_before_loading(args, message, tmp_path):
     r = cli("train", "--model", "/nonexistent", "--data", "/nonexistent.jsonl", "--output-dir",
