@@ -109,3 +109,41 @@ def test_merge_and_score_refuse_pickle_weights_unless_asked(pickle_adapter, tmp_
     assert cli.main([*score, "--allow-pickle-weights"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["reward"] == pytest.approx(0.0, abs=1e-6)  # a new adapter (B = 0) is its base
+
+
+def test_a_reward_named_module_function_is_imported_never_evaluated(tmp_path, monkeypatch):
+    """dpolab.tasks.load_object imports ``module`` and looks ``function`` up by name; a string that would
+    do something if it were evaluated is only ever a (failing) module or attribute name."""
+    from dpolab.tasks import load_object
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text("def longer(prompt, completion):\n    return float(len(completion))\n")
+    assert load_object("my_rewards:longer")("p", "abc") == 3.0
+    marker = tmp_path / "RAN"
+    for spec in (f"os:system('touch {marker}')", f"__import__('os').system('touch {marker}'):f",
+                 f"my_rewards:longer.__globals__['__builtins__']['exec']('open(\"{marker}\", \"w\")')"):
+        with pytest.raises(ValueError, match="cannot import|has no attribute|is not of the form"):
+            load_object(spec)
+    assert not marker.exists()
+
+
+def test_the_source_never_evaluates_or_unpickles():
+    """A static check of every dpolab module: no eval/exec/compile of strings, no yaml.load/full_load/
+    unsafe_load, no pickle loads, and torch.load only with weights_only=True."""
+    import ast
+    from pathlib import Path
+
+    root = Path(dpolab.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            weights_only = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                               for k in node.keywords)
+            if (name in ("eval", "exec", "compile", "builtins.eval", "builtins.exec")
+                    or name in ("yaml.load", "yaml.full_load", "yaml.unsafe_load", "pickle.load", "pickle.loads")
+                    or (name == "torch.load" and not weights_only)):
+                found.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    assert found == []
