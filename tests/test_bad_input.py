@@ -126,13 +126,25 @@ def test_cli_bad_data_is_one_paragraph_without_traceback(tiny_model, tmp_path):
     (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
     (["--loss", "nope"], "unknown loss 'nope'"),
     (["--lr-scheduler", "step"], "lr_scheduler must be one of"),
-    (["--loss", "simpo", "--ref-model", "/nonexistent-ref"], "--ref-model was given but simpo uses no reference"),
-    (["--reference-free", "--ref-model", "/nonexistent-ref"], "--ref-model was given but reference_free uses no"),
 ])
 def test_cli_bad_settings_refused_before_loading(args, message, tmp_path):
     r = cli("train", "--model", "/nonexistent", "--data", "/nonexistent.jsonl", "--output-dir",
             str(tmp_path / "o"), *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loss", "simpo", "--ref-model", "/nonexistent-ref"], "--ref-model was given but simpo uses no reference"),
+    (["--reference-free", "--ref-model", "/nonexistent-ref"], "--ref-model was given but reference_free uses no"),
+])
+def test_ref_model_with_a_reference_free_loss_is_refused_before_loading(args, message, tmp_path, capsys):
+    from dpolab import cli as dpolab_cli
+
+    code = dpolab_cli.main(["train", "--model", "/nonexistent", "--data", "/nonexistent.jsonl", "--output-dir",
+                            str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
