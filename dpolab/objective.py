@@ -93,13 +93,15 @@ class Objective:
 
     def _unpaired(self, P: Tensor, R: Tensor, h: Tensor, batch: Batch) -> Output:
         labels = batch.labels.to(P.device)
-        kl = kto_kl_estimate(self.gather(P[:, 1].detach()), self.gather(R[:, 1])) if self.needs_kl else None
+        # KTO's KL pairs from every process, so that z is the same global-batch estimate on each of them.
+        kl_pairs = (self.gather(P[:, 1].detach()), self.gather(R[:, 1])) if self.needs_kl else None
+        kl = kto_kl_estimate(*kl_pairs) if kl_pairs else None
         delta = self._delta(self.beta * h[:, 0]) if any("delta" in loss.state for loss in self.losses) else None
         total = 0.0
         for loss, w, params in zip(self.losses, self.weights, self.params):
             kwargs = dict(params, beta=self.beta)
             if loss.needs_kl:
-                kwargs.update(kl_policy_logps=P[:, 1], kl_ref_logps=R[:, 1])
+                kwargs.update(kl_policy_logps=kl_pairs[0], kl_ref_logps=kl_pairs[1])
             if "delta" in loss.state:
                 kwargs["delta"] = delta
             total = total + w * loss(P[:, 0], R[:, 0], labels, **kwargs)[0]
