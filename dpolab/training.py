@@ -1,4 +1,4 @@
-"""Training: setup helpers, the training step (one screen), the loop, and what a run leaves on disk.
+"""Training: the training step (one screen), the setup it needs, and the loop.
 
 Devices, processes and precision come from Accelerate's ``Accelerator``, applied once in setup, so
 ``accelerate launch`` and ``torchrun`` drive this loop unchanged. ``batch_size`` is global (SPEC §6):
@@ -9,30 +9,29 @@ sees per step, so the summed (and, over processes, averaged) gradient is that of
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from dpolab import adapters
+from dpolab import adapters, distributed
 from dpolab import metrics as M
 from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Batch, make_batch
-from dpolab import distributed
-from dpolab.checkpoint import (data_digest, list_checkpoints, load_checkpoint, read_state, resume_conflicts,
-                               save_checkpoint)
+from dpolab.checkpoint import data_digest, list_checkpoints, load_checkpoint, read_state
 from dpolab.config import Config
 from dpolab.errors import ConfigError, Interrupted
 from dpolab.evaluation import evaluate_examples
-from dpolab.guard import NonFiniteGuard, StopSignals, writing
+from dpolab.guard import NonFiniteGuard, StopSignals
 from dpolab.logps import SequenceLogps
 from dpolab.losses import tr_dpo_update_
 from dpolab.objective import Objective
+from dpolab.rundir import RunFiles, check_output_dir, check_resume_settings
+from dpolab.tokenization import Example
 from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
                           make_accelerator, read_records,
                           resolve_defaults)
@@ -83,28 +82,51 @@ def micro_batches(examples, indices: list[int], rank: int, world: int, grad_accu
             for i in range(0, share, size)]
 
 
-def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output directory {out} is a file")
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise ConfigError(f"output directory {out} exists and is not empty; pass --resume to continue the "
-                          "run in it, --overwrite to replace it, or choose another --output-dir")
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`setup_run` from the config."""
+
+    config: Config
+    accelerator: Any
+    objective: Objective
+    task: Any  # a dpolab.tasks.Task, or None
+    tokenizer: Any
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    digest: str  # of the tokenised training rows: a resume must see the same ones
+    checkpoints: list[Path]  # complete checkpoints to resume from (empty unless --resume)
+    policy: Any = None  # SequenceLogps around the model, as Accelerate prepared it
+    model: Any = None  # the unwrapped Hugging Face model (with LoRA: the PEFT model)
+    optimizer: Any = None
+    scheduler: Any = None
+    train_ref: Any = None  # reference strategies (SPEC §5)
+    eval_ref: Any = None
+    synced_ref: Any = None  # TR-DPO's moving reference model, part of the training state
+    steps_per_epoch: int = 0
+    total_steps: int = 0
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    if overwrite and out.exists():
-        for child in out.iterdir():
-            if child.name != "ref_cache":  # reference log-probs stay valid: they are keyed by content
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Progress:
+    """The training state beyond the weights: what a checkpoint carries besides model and optimizer."""
+
+    step: int = 0
+    tokens_seen: float = 0.0
+    eval_before: dict = field(default_factory=dict)
+    guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(0))
+    last: dict = field(default_factory=dict)  # the metrics of the latest step
+
+    def state(self, objective: Objective, digest: str) -> dict:
+        return {"objective": objective.state, "num_tokens": self.tokens_seen, "eval_before": self.eval_before,
+                "skipped_steps": self.guard.total, "nonfinite_in_a_row": self.guard.in_a_row, "data_digest": digest}
 
 
-def train(config: Config) -> dict:
-    """Train a policy as ``config`` says; return the summary also written to ``summary.json``."""
-    config = resolve_defaults(config)
+def check_settings_and_data(config: Config) -> Run:
+    """Everything that can refuse the run, before any model is loaded: settings against the processes,
+    the output directory and a resume, the task, the data (rows, then tokenised)."""
     out = Path(config.output_dir)
     accelerator = make_accelerator(config)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
                           f"= {world} × {config.grad_accum}")
@@ -124,21 +146,23 @@ def train(config: Config) -> dict:
     if checkpoints and read_state(checkpoints[-1]).get("extra", {}).get("data_digest", digest) != digest:
         raise ConfigError(f"cannot resume from {checkpoints[-1]}: the training rows differ from the ones it was "
                           "trained on (same settings, but the data file's content or the rows kept changed)")
-    if accelerator.is_main_process:  # only now that settings and data are known to be good
-        with writing(out, None):
-            prepare_output_dir(out, config.overwrite)
-    accelerator.wait_for_everyone()
     steps_per_epoch = len(train_examples) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_examples)} training examples is fewer than batch_size {config.batch_size}")
-    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    return Run(config, accelerator, objective, task, tokenizer, train_examples, eval_examples, digest, checkpoints,
+               steps_per_epoch=steps_per_epoch,
+               total_steps=config.max_steps or math.ceil(config.epochs * steps_per_epoch))
 
+
+def build_models(run: Run) -> None:
+    """Policy, reference strategy, optimizer and schedule; Accelerate wraps the policy and optimizer."""
+    config, accelerator = run.config, run.accelerator
     torch.manual_seed(config.seed)
     model = adapters.load_policy(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                  config.lora_target_modules, config.trust_remote_code, config.allow_pickle_weights,
                                  config.load_in_4bit)
-    train_ref, eval_ref = build_reference(config, objective, model, train_examples, eval_examples, accelerator,
-                                          tokenizer.pad_token_id)
+    run.train_ref, run.eval_ref = build_reference(config, run.objective, model, run.train_examples,
+                                                  run.eval_examples, accelerator, run.tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = SequenceLogps(model, config.logits_chunk, config.ld_alpha)
@@ -146,135 +170,127 @@ def train(config: Config) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    unwrapped = accelerator.unwrap_model(policy).model
+    run.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_training_steps=run.total_steps,
+                                  num_warmup_steps=int(config.warmup_ratio * run.total_steps))
+    run.policy, run.optimizer = accelerator.prepare(policy, optimizer)
+    run.model = accelerator.unwrap_model(run.policy).model
+    run.synced_ref = run.train_ref.logps.model if config.sync_ref_model else None
 
-    # TR-DPO moves the reference, so it is part of the training state.
-    synced_ref = train_ref.logps.model if config.sync_ref_model else None
-    start, tokens_seen, extra = 0, 0.0, {}
-    guard = NonFiniteGuard(config.max_nonfinite_steps)
-    if checkpoints:
-        start, extra = load_checkpoint(checkpoints[-1], unwrapped, optimizer, scheduler, synced_ref)
-        objective.state.update(extra.get("objective", {}))
-        tokens_seen = extra.get("num_tokens", 0.0)
-        guard.total, guard.in_a_row = extra.get("skipped_steps", 0), extra.get("nonfinite_in_a_row", 0)
-        log.info("resuming from %s", checkpoints[-1])
-    elif config.resume:
-        log.info("no checkpoint in %s: starting from the beginning", out / "checkpoints")
-    saved: list[str] = [str(checkpoints[-1])] if checkpoints else []
-    last_saved = lambda: saved[-1] if saved else None  # noqa: E731 — named in every write failure
-    if accelerator.is_main_process:
-        with writing(out / "config.yaml", last_saved()):
-            config.save(out / "config.yaml")
-        with writing(out / "metrics.jsonl", last_saved()):
-            logger = M.MetricsLog(out, start if config.resume else None, accelerator.is_main_process)
 
-    def log_metrics(step: int, values: dict[str, float]) -> None:
-        if accelerator.is_main_process:
-            with writing(out / "metrics.jsonl", last_saved()):
-                logger.write(step, values)
+def restore(run: Run) -> Progress:
+    """The newest checkpoint's state when resuming, else a fresh start."""
+    progress = Progress(guard=NonFiniteGuard(run.config.max_nonfinite_steps))
+    if run.checkpoints:
+        progress.step, extra = load_checkpoint(run.checkpoints[-1], run.model, run.optimizer, run.scheduler,
+                                               run.synced_ref)
+        run.objective.state.update(extra.get("objective", {}))
+        progress.tokens_seen = extra.get("num_tokens", 0.0)
+        progress.eval_before = extra.get("eval_before", {})
+        progress.guard.total = extra.get("skipped_steps", 0)
+        progress.guard.in_a_row = extra.get("nonfinite_in_a_row", 0)
+        log.info("resuming from %s", run.checkpoints[-1])
+    elif run.config.resume:
+        log.info("no checkpoint in %s: starting from the beginning", Path(run.config.output_dir) / "checkpoints")
+    return progress
 
-    def run_eval(step: int) -> dict[str, float]:
-        if not eval_examples:
-            return {}
-        result = evaluate_examples(policy, eval_ref, objective, eval_examples, config.batch_size, accelerator,
-                                   tokenizer.pad_token_id, prefix="eval/", layout=config.layout,
-                                   row_tokens=config.row_tokens)
-        log_metrics(step, result)
-        return result
 
+def evaluate_run(run: Run, files: RunFiles, step: int) -> dict[str, float]:
+    """Held-out metrics (``eval/…``) of the policy now, logged at ``step``."""
+    if not run.eval_examples:
+        return {}
+    result = evaluate_examples(run.policy, run.eval_ref, run.objective, run.eval_examples, run.config.batch_size,
+                               run.accelerator, run.tokenizer.pad_token_id, prefix="eval/",
+                               layout=run.config.layout, row_tokens=run.config.row_tokens)
+    files.log(step, result)
+    return result
+
+
+def save(run: Run, files: RunFiles, progress: Progress) -> None:
+    """A resumable checkpoint of this step (the main process writes; every process waits)."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        files.save_checkpoint(progress.step, run.model, run.optimizer, run.scheduler,
+                              progress.state(run.objective, run.digest), run.synced_ref)
+    run.accelerator.wait_for_everyone()
+
+
+def stop_on_signal(run: Run, files: RunFiles, progress: Progress, signum: int) -> None:
+    """SIGTERM/SIGINT: save a checkpoint (where checkpoints are supported) and stop cleanly."""
+    if not distributed.checkpoints_supported(run.accelerator):  # FSDP/ZeRO: as --save-every, refused
+        raise Interrupted(f"stopped by signal {signum} after step {progress.step}; no checkpoint was saved "
+                          f"(resumable checkpoints are not supported under "
+                          f"{distributed.engine(run.accelerator).upper()}, see docs/scaling.md)", signum)
+    save(run, files, progress)
+    raise Interrupted(f"stopped by signal {signum} after step {progress.step}; checkpoint saved in "
+                      f"{files.last_saved}; continue with --resume", signum)
+
+
+def train(config: Config) -> dict:
+    """Train a policy as ``config`` says; return the summary also written to ``summary.json``."""
+    config = resolve_defaults(config)
+    run = check_settings_and_data(config)
+    files = RunFiles(Path(config.output_dir), run.accelerator.is_main_process, config.save_total_limit)
+    files.prepare(config.overwrite)  # only now that settings and data are known to be good
+    run.accelerator.wait_for_everyone()
+    build_models(run)
+    progress = restore(run)
+    files.start(config, progress.step if config.resume else None, run.checkpoints)
+    if progress.step == 0:
+        progress.eval_before = evaluate_run(run, files, 0)
     from tqdm.auto import tqdm
 
-    eval_before = run_eval(0) if start == 0 else extra.get("eval_before", {})
-    bar = tqdm(total=total_steps, initial=start, desc="dpolab", disable=not (config.progress and
-                                                                                  accelerator.is_main_process))
-    examples_per_process = config.batch_size // world
-
-    def save(step: int) -> None:
-        state = {"objective": objective.state, "num_tokens": tokens_seen, "eval_before": eval_before,
-                 "skipped_steps": guard.total, "nonfinite_in_a_row": guard.in_a_row, "data_digest": digest}
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            saved.append(str(save_checkpoint(out / "checkpoints", step, unwrapped, optimizer, scheduler,
-                                             config.save_total_limit, state, synced_ref)))
-        accelerator.wait_for_everyone()
-
-    t_start, last = time.perf_counter(), {}
+    bar = tqdm(total=run.total_steps, initial=progress.step, desc="dpolab",
+               disable=not (config.progress and run.accelerator.is_main_process))
+    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    t_start = time.perf_counter()
     with StopSignals() as signals:
-        for step in range(start, total_steps):
+        for step in range(progress.step, run.total_steps):
             t0 = time.perf_counter()
-            indices = step_examples(len(train_examples), step, config.batch_size, config.seed)
-            batches = micro_batches(train_examples, indices, rank, world, config.grad_accum,
-                                    tokenizer.pad_token_id, accelerator.device, config.layout, config.row_tokens)
-            stats = train_step(policy, train_ref, objective, batches, optimizer, scheduler, accelerator,
-                               config.max_grad_norm, examples_per_process)
-            done = step + 1
-            if synced_ref is not None and done % config.ref_model_sync_steps == 0:
-                tr_dpo_update_(synced_ref.parameters(), unwrapped.parameters(),
+            indices = step_examples(len(run.train_examples), step, config.batch_size, config.seed)
+            batches = micro_batches(run.train_examples, indices, rank, world, config.grad_accum,
+                                    run.tokenizer.pad_token_id, run.accelerator.device, config.layout,
+                                    config.row_tokens)
+            stats = train_step(run.policy, run.train_ref, run.objective, batches, run.optimizer, run.scheduler,
+                               run.accelerator, config.max_grad_norm, config.batch_size // world)
+            progress.step = done = step + 1
+            if run.synced_ref is not None and done % config.ref_model_sync_steps == 0:  # TR-DPO
+                tr_dpo_update_(run.synced_ref.parameters(), run.model.parameters(),
                                ref_model_mixup_alpha=config.ref_model_mixup_alpha)
-            tokens_seen += stats["num_tokens"]
-            last = stats | {"learning_rate": scheduler.get_last_lr()[0], "epoch": done / steps_per_epoch,
-                            "num_tokens": tokens_seen,
-                            "tokens_per_second": stats["num_tokens"] / (time.perf_counter() - t0)}
-            if done % config.log_every == 0 or done == total_steps:
-                log_metrics(done, last)
+            progress.tokens_seen += stats["num_tokens"]
+            progress.last = stats | {"learning_rate": run.scheduler.get_last_lr()[0],
+                                     "epoch": done / run.steps_per_epoch, "num_tokens": progress.tokens_seen,
+                                     "tokens_per_second": stats["num_tokens"] / (time.perf_counter() - t0)}
+            if done % config.log_every == 0 or done == run.total_steps:
+                files.log(done, progress.last)
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
-                            margin=f"{last['rewards/margins']:.3f}", tok_s=f"{last['tokens_per_second']:.0f}")
-            guard.update(bool(stats["skipped"]), done, saved[-1] if saved else None)
-            if signum := signals.requested(accelerator):
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats.get('rewards/accuracies', float('nan')):.2f}",
+                            margin=f"{stats['rewards/margins']:.3f}", tok_s=f"{progress.last['tokens_per_second']:.0f}")
+            progress.guard.update(bool(stats["skipped"]), done, files.last_saved)
+            if signum := signals.requested(run.accelerator):
                 bar.close()
-                if not distributed.checkpoints_supported(accelerator):  # FSDP/ZeRO: as --save-every, refused
-                    raise Interrupted(f"stopped by signal {signum} after step {done}; no checkpoint was saved "
-                                      f"(resumable checkpoints are not supported under "
-                                      f"{distributed.engine(accelerator).upper()}, see docs/scaling.md)", signum)
-                save(done)
-                raise Interrupted(f"stopped by signal {signum} after step {done}; checkpoint saved in "
-                                  f"{saved[-1]}; continue with --resume", signum)
-            if config.eval_every and done % config.eval_every == 0 and done != total_steps:
-                run_eval(done)
-            if config.save_every and done % config.save_every == 0 and done != total_steps:
-                save(done)
+                stop_on_signal(run, files, progress, signum)
+            if config.eval_every and done % config.eval_every == 0 and done != run.total_steps:
+                evaluate_run(run, files, done)
+            if config.save_every and done % config.save_every == 0 and done != run.total_steps:
+                save(run, files, progress)
     bar.close()
-    eval_after = run_eval(total_steps)
-    runtime = time.perf_counter() - t_start
-    summary = {"steps": total_steps, "skipped_steps": guard.total, "train_runtime_seconds": runtime,
-               "train": last, "eval_before": eval_before, "eval": eval_after}
-    if task is not None and accelerator.is_main_process:
-        summary |= run_task_report(config, task, unwrapped, tokenizer)
+    return finish(run, files, progress, time.perf_counter() - t_start)
+
+
+def finish(run: Run, files: RunFiles, progress: Progress, runtime: float) -> dict:
+    """Held-out metrics after training, the task report, then ``final/``, ``summary.json`` and the plots."""
+    eval_after = evaluate_run(run, files, run.total_steps)
+    summary = {"steps": run.total_steps, "skipped_steps": progress.guard.total, "train_runtime_seconds": runtime,
+               "train": progress.last, "eval_before": progress.eval_before, "eval": eval_after}
+    if run.task is not None and run.accelerator.is_main_process:
+        summary |= run_task_report(run.config, run.task, run.model, run.tokenizer)
     if "eval/rewards/accuracies" in eval_after:  # paired data (unpaired rows have no pairs to rank)
         summary["eval_reward_accuracy"] = eval_after["eval/rewards/accuracies"]
-    accelerator.wait_for_everyone()
-    state = distributed.full_state_dict(accelerator, policy)  # every process: FSDP/ZeRO-3 gather the shards
-    if accelerator.is_main_process:
-        with writing(out / "final", last_saved(), partial=out / ".final.tmp"):
-            save_final(out, unwrapped, tokenizer, config, state)
-        with writing(out / "summary.json", last_saved()):
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            logger.close()
-        from dpolab.plots import plot_metrics
-
-        with writing(out / "plots", last_saved()):
-            plot_metrics(out / "metrics.jsonl", out / "plots")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
+    state = distributed.full_state_dict(run.accelerator, run.policy)  # every process: FSDP/ZeRO-3 gather shards
+    files.finish(run.model, run.tokenizer, run.config, state, summary)
+    run.accelerator.wait_for_everyone()
     return summary
-
-
-def check_resume_settings(saved_config: Path, config: Config) -> None:
-    """Refuse a --resume whose settings would not continue the saved run exactly (see RUN_CONTROL)."""
-    import yaml
-
-    if not saved_config.is_file():
-        return
-    conflicts = resume_conflicts(yaml.safe_load(saved_config.read_text()) or {}, config.to_dict())
-    if conflicts:
-        raise ConfigError(f"cannot resume: {', '.join(conflicts)} differ from {saved_config}, so the run would not "
-                          "continue the same trajectory. Resume with the saved values, or start a new run (another "
-                          "--output-dir, or --overwrite). Logging, saving and evaluation settings may change; "
-                          "--max-steps and --epochs only with --lr-scheduler constant (other schedules are spread "
-                          "over the total steps)")
 
 
 def load_task_or_refuse(spec: str | None):
@@ -301,23 +317,3 @@ def run_task_report(config: Config, task, policy, tokenizer) -> dict[str, float]
     return before_after(before, after)
 
 
-def save_final(out: Path, model, tokenizer, config: Config, state_dict=None) -> None:
-    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, plus what dpolab
-    needs to score with it; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
-    Written beside and renamed into place, so a crash never leaves a half-written ``final/``."""
-    final, tmp = out / "final", out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if adapters.is_peft(model):
-        adapters.save_adapter(model, tmp, state_dict)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    reference = config.ref_model or config.model
-    if Path(reference).exists():
-        reference = str(Path(reference).resolve())
-    (tmp / "dpolab.json").write_text(json.dumps({"reference": reference, "beta": config.beta,
-                                                 "loss": config.loss}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if config.merge_on_save:
-        adapters.merge(str(final), str(out / "merged"), config.trust_remote_code, config.allow_pickle_weights)

@@ -1,0 +1,125 @@
+"""What a run leaves on disk (SPEC §6) and how it is written: the output directory, ``config.yaml``,
+``metrics.jsonl`` (and TensorBoard), ``checkpoints/step-N/``, ``final/``, ``summary.json`` and ``plots/``.
+
+Only the main process writes. Every write goes through :func:`dpolab.guard.writing`, so a full disk or
+another write failure stops the run with one paragraph naming the file and the checkpoint that is intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from dpolab import adapters
+from dpolab import metrics as M
+from dpolab.checkpoint import resume_conflicts, save_checkpoint
+from dpolab.config import Config
+from dpolab.errors import ConfigError
+from dpolab.guard import writing
+
+
+class RunFiles:
+    """The output directory of one run, written by the main process (the others hold a no-op)."""
+
+    def __init__(self, out: Path, main: bool, keep_checkpoints: int):
+        self.out, self.main, self.keep = out, main, keep_checkpoints
+        self.saved: list[str] = []  # checkpoints written or resumed from, oldest first
+        self.metrics: M.MetricsLog | None = None
+
+    @property
+    def last_saved(self) -> str | None:
+        """The newest checkpoint: named in every write failure as the one that is intact."""
+        return self.saved[-1] if self.saved else None
+
+    def prepare(self, overwrite: bool) -> None:
+        if self.main:
+            with writing(self.out, None):
+                prepare_output_dir(self.out, overwrite)
+
+    def start(self, config: Config, resume_step: int | None, checkpoints: list[Path]) -> None:
+        """``config.yaml`` and the metrics log; a resumed log drops lines written after its checkpoint."""
+        self.saved = [str(checkpoints[-1])] if checkpoints else []
+        if not self.main:
+            return
+        with writing(self.out / "config.yaml", self.last_saved):
+            config.save(self.out / "config.yaml")
+        with writing(self.out / "metrics.jsonl", self.last_saved):
+            self.metrics = M.MetricsLog(self.out, resume_step)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.main:
+            with writing(self.out / "metrics.jsonl", self.last_saved):
+                self.metrics.write(step, values)
+
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict, reference=None) -> None:
+        self.saved.append(str(save_checkpoint(self.out / "checkpoints", step, model, optimizer, scheduler,
+                                              self.keep, state, reference)))
+
+    def finish(self, model, tokenizer, config: Config, state_dict, summary: dict) -> None:
+        """``final/`` (atomically), ``summary.json`` and the plots."""
+        if not self.main:
+            return
+        with writing(self.out / "final", self.last_saved, partial=self.out / ".final.tmp"):
+            save_final(self.out, model, tokenizer, config, state_dict)
+        with writing(self.out / "summary.json", self.last_saved):
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.metrics.close()
+        from dpolab.plots import plot_metrics
+
+        with writing(self.out / "plots", self.last_saved):
+            plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {out} is a file")
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"output directory {out} exists and is not empty; pass --resume to continue the "
+                          "run in it, --overwrite to replace it, or choose another --output-dir")
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    if overwrite and out.exists():
+        for child in out.iterdir():
+            if child.name != "ref_cache":  # reference log-probs stay valid: they are keyed by content
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def check_resume_settings(saved_config: Path, config: Config) -> None:
+    """Refuse a --resume whose settings would not continue the saved run exactly (see RUN_CONTROL)."""
+    import yaml
+
+    if not saved_config.is_file():
+        return
+    conflicts = resume_conflicts(yaml.safe_load(saved_config.read_text()) or {}, config.to_dict())
+    if conflicts:
+        raise ConfigError(f"cannot resume: {', '.join(conflicts)} differ from {saved_config}, so the run would not "
+                          "continue the same trajectory. Resume with the saved values, or start a new run (another "
+                          "--output-dir, or --overwrite). Logging, saving and evaluation settings may change; "
+                          "--max-steps and --epochs only with --lr-scheduler constant (other schedules are spread "
+                          "over the total steps)")
+
+
+def save_final(out: Path, model, tokenizer, config: Config, state_dict=None) -> None:
+    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, plus what dpolab
+    needs to score with it; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
+    Written beside and renamed into place, so a crash never leaves a half-written ``final/``."""
+    final, tmp = out / "final", out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if adapters.is_peft(model):
+        adapters.save_adapter(model, tmp, state_dict)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    reference = config.ref_model or config.model
+    if Path(reference).exists():
+        reference = str(Path(reference).resolve())
+    (tmp / "dpolab.json").write_text(json.dumps({"reference": reference, "beta": config.beta,
+                                                 "loss": config.loss}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if config.merge_on_save:
+        adapters.merge(str(final), str(out / "merged"), config.trust_remote_code, config.allow_pickle_weights)
