@@ -42,12 +42,13 @@ ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE":
 # The two datasets of issue 5. Training settings are the same for both frameworks.
 DATASETS = {
     # The bundled 0.86M-parameter Llama (character tokenizer, 88 tokens) and its 2,085 addition pairs,
-    # with the bundled recipe's β, learning rate and batch size; the first 65 × 32 pairs: one epoch.
-    "bundled": dict(pairs=2080, batch_size=32, beta=2.0, learning_rate=2e-4, max_length=32, max_prompt_length=16),
+    # with the bundled recipe's β, learning rate and batch size; the first 65 × 32 pairs: one epoch of 65 steps.
+    "bundled": dict(pairs=2080, repeats=3, batch_size=32, beta=2.0, learning_rate=2e-4, max_length=32,
+                    max_prompt_length=16),
     # A 4.95M-parameter Llama with a 32,000-word vocabulary; prompts of 80–112 tokens (with BOS),
-    # completions of 8–24 words + EOS: every prompt at least 3× each of its completions.
-    "synthetic": dict(pairs=256, batch_size=8, beta=0.1, learning_rate=1e-4, max_length=256, max_prompt_length=192,
-                      vocab=32000, hidden=128, layers=4, prompt=(79, 111), completion=(8, 24)),
+    # completions of 8–24 words + EOS: every prompt at least 3× each of its completions; 12 steps of 8.
+    "synthetic": dict(pairs=96, repeats=2, batch_size=8, beta=0.1, learning_rate=1e-4, max_length=256,
+                      max_prompt_length=192, vocab=32000, hidden=128, layers=4, prompt=(79, 111), completion=(8, 24)),
 }
 
 
@@ -75,7 +76,7 @@ def prepare(name: str, root: Path = RESULTS / "data", pairs: int | None = None, 
         write_jsonl(out / "trl.jsonl", [rows[i] for i in epoch_order(len(rows), settings["batch_size"], seed)])
     return dict(name=name, model=str(model), data=str(out / "data.jsonl"), trl_data=str(out / "trl.jsonl"),
                 pairs=pairs, seed=seed, **{k: settings[k] for k in ("batch_size", "beta", "learning_rate",
-                                                                      "max_length", "max_prompt_length")})
+                                                                      "max_length", "max_prompt_length", "repeats")})
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -1,6 +1,6 @@
 """dpolab against TRL 1.16's DPOTrainer: one epoch each, same model, data, order, batch size and steps.
 
-    python bench/vs_trl.py                       # both datasets, 2 repeats, 2 threads (~10 minutes)
+    python bench/vs_trl.py                       # both datasets, 2 threads (~11 minutes)
     python bench/vs_trl.py --repeats 1 --no-ablation --dataset bundled
 
 Every configuration runs in a fresh process (bench/harness.py says what each number includes). The runs
@@ -51,18 +51,20 @@ def machine(threads: int) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, Python {platform.python_version()}"
 
 
-def run_all(names: list[str], repeats: int, ablation: bool, threads: int, pairs: int | None) -> dict:
+def run_all(names: list[str], repeats: int | None, ablation: bool, threads: int, pairs: int | None) -> dict:
     datasets = {name: H.prepare(name, pairs=pairs) for name in names}
     for name, ds in datasets.items():  # identical token ids: dpolab's tokenisation of TRL's file, checked below
         ds["dpolab_tokens"] = H.dpolab_tokens(ds, ds["trl_data"])
     configs = MAIN + (ABLATION if ablation else [])
     runs = []
-    for r in range(repeats):
+    for ds in datasets.values():
+        ds["repeats"] = repeats or ds["repeats"]
+    for r in range(max(ds["repeats"] for ds in datasets.values())):
         order = configs if r % 2 == 0 else configs[::-1]
         for name in names:
             for label, framework, options in order:
-                if r > 0 and (label, framework, options) in ABLATION:
-                    continue  # the ablation runs once
+                if r >= datasets[name]["repeats"]:
+                    continue
                 spec = dict(label=label, framework=framework, options=options, dataset=datasets[name],
                             threads=threads)
                 t0 = time.perf_counter()
@@ -138,7 +140,7 @@ def report(saved: dict, threads: int, peak: float) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=list(H.DATASETS), action="append", help="default: both")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, help="runs of each configuration (default: 3 bundled, 2 synthetic)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for every run")
     parser.add_argument("--pairs", type=int, help="override the number of pairs (a multiple of the batch size)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
@@ -151,8 +153,9 @@ def main() -> None:
         print(f"machine: {machine(args.threads)}\nload average at start: {load_average()}", flush=True)
         start = time.perf_counter()
         saved = run_all(args.dataset or list(H.DATASETS), args.repeats, args.ablation, args.threads, args.pairs)
-        saved |= {"machine": machine(args.threads), "threads": args.threads, "minutes": (time.perf_counter() - start) / 60,
-                  "load_end": load_average(), "peak_flops": flops.matmul_peak(args.threads)}
+        saved |= {"machine": machine(args.threads), "threads": args.threads,
+                  "minutes": (time.perf_counter() - start) / 60, "load_end": load_average(),
+                  "peak_flops": flops.matmul_peak(args.threads)}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(saved, indent=1))
     print(f"\nmachine: {saved['machine']}; fp32 matmul peak {saved['peak_flops'] / 1e9:.1f} GFLOP/s; "
