@@ -213,12 +213,12 @@ def run_trl(spec: dict) -> dict:
             marks.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, per_device_train_batch_size=ds["batch_size"], num_train_epochs=1,
-                         learning_rate=ds["learning_rate"], beta=ds["beta"], max_length=ds["max_length"],
-                         lr_scheduler_type="constant", warmup_steps=0, bf16=False, gradient_checkpointing=False,
-                         use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
-                         logging_strategy="no", disable_tqdm=True, seed=ds["seed"],
-                         train_sampling_strategy="sequential", **spec.get("options", {}))
+        args = DPOConfig(**(dict(output_dir=out, per_device_train_batch_size=ds["batch_size"], num_train_epochs=1,
+                                 learning_rate=ds["learning_rate"], beta=ds["beta"], max_length=ds["max_length"],
+                                 lr_scheduler_type="constant", warmup_steps=0, bf16=False,
+                                 gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
+                                 eval_strategy="no", logging_strategy="no", disable_tqdm=True, seed=ds["seed"],
+                                 train_sampling_strategy="sequential") | spec.get("options", {})))
         rows = [json.loads(line) for line in Path(ds["trl_data"]).read_text().splitlines()]
         trainer = DPOTrainer(model=ds["model"], args=args, train_dataset=Dataset.from_list(rows),
                              callbacks=[Marks()])

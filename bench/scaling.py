@@ -163,6 +163,16 @@ def main() -> None:
             points.append(p)
             print(f"{method:12} {L:5} {V:7} {p['step_s']:7.3f} {p['peak_mb']:8.0f} {p['logits_mb']:9.1f} "
                   f"{p['tokens']:7} {p['computed']:8}", flush=True)
+    for fixed, x, value in (("vocab", "length", 32000), ("length", "vocab", 256)):
+        ends = {}
+        for method in ("packed", "full logits"):
+            sel = sorted((p for p in points if p["method"] == method and p[fixed] == value), key=lambda p: p[x])
+            ends[method] = (sel[0], sel[-1]) if len(sel) > 1 else None
+        if ends["packed"] and ends["full logits"]:
+            (a, b), (c, d) = ends["packed"], ends["full logits"]
+            print(f"{x} {a[x]} → {b[x]}: largest logits tensor dpolab {a['logits_mb']:.0f} → {b['logits_mb']:.0f} MB, "
+                  f"full logits {c['logits_mb']:.0f} → {d['logits_mb']:.0f} MB; peak above baseline dpolab "
+                  f"{a['peak_mb']:.0f} → {b['peak_mb']:.0f} MB, full logits {c['peak_mb']:.0f} → {d['peak_mb']:.0f} MB")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaling.json").write_text(json.dumps(points, indent=1))
     plot(points, RESULTS / "scaling.png")
