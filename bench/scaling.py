@@ -170,9 +170,10 @@ def main() -> None:
             ends[method] = (sel[0], sel[-1]) if len(sel) > 1 else None
         if ends["packed"] and ends["full logits"]:
             (a, b), (c, d) = ends["packed"], ends["full logits"]
-            print(f"{x} {a[x]} → {b[x]}: largest logits tensor dpolab {a['logits_mb']:.0f} → {b['logits_mb']:.0f} MB, "
-                  f"full logits {c['logits_mb']:.0f} → {d['logits_mb']:.0f} MB; peak above baseline dpolab "
-                  f"{a['peak_mb']:.0f} → {b['peak_mb']:.0f} MB, full logits {c['peak_mb']:.0f} → {d['peak_mb']:.0f} MB")
+            mb = lambda k, p, q: f"{p[k]:.0f} → {q[k]:.0f} MB"  # noqa: E731
+            print(f"{x} {a[x]} → {b[x]}: largest logits tensor dpolab {mb('logits_mb', a, b)}, full logits "
+                  f"{mb('logits_mb', c, d)}; peak above baseline dpolab {mb('peak_mb', a, b)}, full logits "
+                  f"{mb('peak_mb', c, d)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaling.json").write_text(json.dumps(points, indent=1))
     plot(points, RESULTS / "scaling.png")
