@@ -3,9 +3,10 @@
     python bench/vs_trl.py                       # both datasets, 2 threads (~11 minutes)
     python bench/vs_trl.py --repeats 1 --no-ablation --dataset bundled
 
-Every configuration runs in a fresh process (bench/harness.py says what each number includes). The runs
-are interleaved (each repeat goes through the configurations, the next repeat in reverse order) so that
-drift in the machine's load touches every configuration alike; the table gives the median over repeats.
+Every configuration runs in a fresh process (bench/harness.py says what each number includes), when the
+other processes on this shared machine are quiet (a run they disturbed is repeated). The runs are
+interleaved (each repeat goes through the configurations, the next repeat in reverse order) so that drift in
+the machine's load touches every configuration alike; the table gives the median over repeats.
 Writes bench/results/vs_trl.json and the logs of every run under bench/results/logs/.
 """
 
@@ -75,7 +76,8 @@ def run_all(names: list[str], repeats: int | None, ablation: bool, threads: int,
                 runs.append(result)
                 print(f"  [{load_average()}] {name:9} {label:46} {result['wall_s']:6.1f} s  "
                       f"{result['pairs_per_s']:7.1f} pairs/s  {result['peak_rss_mb']:6.0f} MB  "
-                      f"(process {time.perf_counter() - t0:.0f} s)", flush=True)
+                      f"(process {time.perf_counter() - t0:.0f} s; others {result['others_cores']:.2f} cores, "
+                      f"run {result['attempts']}×)", flush=True)
     return {"datasets": datasets, "runs": runs}
 
 
@@ -108,6 +110,10 @@ def report(saved: dict, threads: int, peak: float) -> list[str]:
             print(f"{label:46} {row['wall_s']:8.1f} {row['pairs_per_s']:8.1f} {row['peak_rss_mb']:8.0f} "
                   f"{row['losses'][0]:12.7f} {delta:11.1e} {m:>6}  {row['n']}")
         print("max |Δloss|: over every step, against dpolab's defaults (same examples in the same order)")
+        busy = [r["others_cores"] for r in saved["runs"] if r["dataset"] == name and "others_cores" in r]
+        if busy:
+            print(f"other processes on the machine during these runs: at most {max(busy):.2f} of a core "
+                  f"(median {statistics.median(busy):.2f})")
         tokens_ok = all(r.get("tokens") in (None, ds["dpolab_tokens"]) for r in rows.values())
         print(f"token ids: TRL's tokenisation {'equals' if tokens_ok else 'DIFFERS FROM'} dpolab's "
               f"(digest {ds['dpolab_tokens']})")
