@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -81,11 +82,15 @@ def main() -> None:
     if not path.exists():
         return
     saved = json.loads(path.read_text())
+    achieved: dict[tuple[str, str], list[float]] = {}
     for row in saved["runs"]:
         if row["framework"] == "dpolab":
             counts = model_counts(saved["datasets"][row["dataset"]]["model"])
-            m = mfu(row, counts, peak)
-            print(f"{row['dataset']:9} {row['label']:40} {m['achieved'] / 1e9:6.1f} GFLOP/s  MFU {m['mfu']:.1%}")
+            achieved.setdefault((row["dataset"], row["label"]), []).append(mfu(row, counts, peak)["achieved"])
+    print("dpolab's model FLOPs per second in steady-state training steps (median over the runs):")
+    for (dataset, label), values in achieved.items():
+        value = statistics.median(values)
+        print(f"{dataset:9} {label:40} {value / 1e9:6.1f} GFLOP/s  MFU {value / peak:.1%}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ DATASETS = {
     "bundled": dict(pairs=2080, repeats=3, batch_size=32, beta=2.0, learning_rate=2e-4, max_length=32,
                     max_prompt_length=16),
     # A 4.95M-parameter Llama with a 32,000-word vocabulary; prompts of 80–112 tokens (with BOS),
-    # completions of 8–24 words + EOS: every prompt at least 3× each of its completions; 12 steps of 8.
-    "synthetic": dict(pairs=96, repeats=2, batch_size=8, beta=0.1, learning_rate=1e-4, max_length=256,
+    # completions of 8–24 words + EOS: every prompt at least 3× each of its completions; 10 steps of 8.
+    "synthetic": dict(pairs=80, repeats=2, batch_size=8, beta=0.1, learning_rate=1e-4, max_length=256,
                       max_prompt_length=192, vocab=32000, hidden=128, layers=4, prompt=(79, 111), completion=(8, 24)),
 }
 

@@ -66,8 +66,8 @@ def run_all(names: list[str], repeats: int | None, ablation: bool, threads: int,
         for name in names:
             configs = MAIN + EXTRA.get(name, []) + (ABLATION if ablation else [])
             for label, framework, options in configs if r % 2 == 0 else configs[::-1]:
-                if r >= datasets[name]["repeats"]:
-                    continue
+                if r >= datasets[name]["repeats"] or (r >= 2 and (label, framework, options) in ABLATION):
+                    continue  # the ablation runs in the first two repeats
                 spec = dict(label=label, framework=framework, options=options, dataset=datasets[name],
                             threads=threads)
                 t0 = time.perf_counter()
