@@ -31,7 +31,7 @@ clean:
 	rm -rf $(VENV) runs
 
 # Speed and memory against TRL 1.16, MFU, scaling (~15 minutes; results in bench/results/, see docs/performance.md).
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/vs_trl.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/flops.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/scaling.py
