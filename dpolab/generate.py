@@ -20,8 +20,8 @@ from dpolab.tokenization import Tokenizer
 @dataclass
 class Samples:
     completions: list[list[str]]  # per prompt, its answers (text, EOS not included)
-    finished: list[list[bool]]  # whether each answer ended with EOS (else it hit max_new_tokens)
-    token_ids: list[list[list[int]]]  # the sampled tokens of each answer, EOS included when it ended
+    token_ids: list[list[list[int]]]  # the sampled tokens of each answer, EOS last when it ended (else it
+    # hit max_new_tokens)
 
 
 @dataclass
@@ -51,7 +51,7 @@ def sample(model, tokenizer, prompts, num_samples: int = 4, temperature: float =
     greedy = temperature == 0
     options = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0,
                                                         top_p=1.0, min_p=None, typical_p=1.0)
-    completions, finished, token_ids = [], [], []
+    completions, token_ids = [], []
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=_rng_devices(device)):
@@ -66,17 +66,15 @@ def sample(model, tokenizer, prompts, num_samples: int = 4, temperature: float =
                                  **options)  # (b·n, P + new)
             new = out[:, width:].tolist()
             for j in range(len(chunk)):
-                texts, done, toks = [], [], []
+                texts, toks = [], []
                 for row in new[j * num_samples: (j + 1) * num_samples]:
                     end = row.index(eos) if eos in row else len(row)
                     texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
-                    done.append(end < len(row))
                     toks.append(row[: end + 1])
                 completions.append(texts)
-                finished.append(done)
                 token_ids.append(toks)
     model.train(was_training)
-    return Samples(completions, finished, token_ids)
+    return Samples(completions, token_ids)
 
 
 def task_scores(model, tokenizer, reward, prompts, num_samples: int = 4, temperature: float = 1.0, seed: int = 0,
