@@ -68,7 +68,7 @@ def measure(method: str, length: int, vocab: int, steps: int = 3, seed: int = 0)
     reference_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     if method == "full logits":
-        rows = make_batch(examples, 0, "padded")  # (2B, L) right-padded; same scored tokens as dpolab's
+        rows = make_batch(examples, 0, "padded")  # (2B, L − 1) right-padded; the same scored tokens as dpolab's
         inputs = dict(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
 
         def logps(m):

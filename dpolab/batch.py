@@ -9,7 +9,8 @@ log-prob function sums log-probs of scored tokens per sequence, so prompt and pa
 A row is a run of *segments* followed by padding. A segment is one example's tokens, with its own position
 ids (from 0) and a branch id per token: 0 for the prompt, k + 1 for completion k. A token sees the earlier
 tokens of its own segment that are in the prompt or in its own branch (:func:`visible`), so a completion
-never sees another completion, and each segment is exactly the sequences it holds, run alone.
+never sees another completion, and each segment is exactly the sequences it holds, run alone. A
+completion's last token is scored but is not an input (no scored token comes after it), in every layout.
 
 - ``padded``: one row per (example, completion), ``prompt + completion``, right-padded (:func:`collate`).
   The model gets the plain 2D padding mask, so any attention kernel serves.
@@ -100,8 +101,10 @@ class Segment(NamedTuple):
 
 
 def shared_segment(ex: Example, first_seq: int) -> Segment:
-    """``[prompt | completion_1 | ... | completion_K]``: each completion's positions restart at the prompt's end,
-    and its first token is predicted by the prompt's last token."""
+    """``[prompt | completion_1[:-1] | ... | completion_K[:-1]]``: each completion's positions restart at the
+    prompt's end, and its first token is predicted by the prompt's last token. A completion's last token is
+    only ever a target (nothing scored follows it), so it is not an input: a causal model's outputs at the
+    other positions do not depend on it, and leaving it out saves one token per completion."""
     P = len(ex.prompt_ids)
     tokens, positions, branches = list(ex.prompt_ids), list(range(P)), [0] * P
     score_at, score_tok, score_seq = [], [], []
@@ -110,9 +113,9 @@ def shared_segment(ex: Example, first_seq: int) -> Segment:
         score_at += [P - 1] + list(range(start, start + len(c) - 1))
         score_tok += c
         score_seq += [first_seq + k] * len(c)
-        tokens += c
-        positions += range(P, P + len(c))
-        branches += [k + 1] * len(c)
+        tokens += c[:-1]
+        positions += range(P, P + len(c) - 1)
+        branches += [k + 1] * (len(c) - 1)
     return Segment(tokens, positions, branches, score_at, score_tok, score_seq)
 
 
@@ -164,9 +167,9 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     >>> ex = Example(0, prompt_ids=[5, 6], completion_ids=[[7, 2], [8, 9, 2]])
     >>> b = collate([ex], pad_id=0)
     >>> b.input_ids.tolist()
-    [[5, 6, 7, 2, 0], [5, 6, 8, 9, 2]]
+    [[5, 6, 7, 0], [5, 6, 8, 9]]
     >>> b.score_pos.tolist(), b.score_tok.tolist(), b.score_seq.tolist()
-    ([1, 2, 6, 7, 8], [7, 2, 8, 9, 2], [0, 0, 1, 1, 1])
+    ([1, 2, 5, 6, 7], [7, 2, 8, 9, 2], [0, 0, 1, 1, 1])
     >>> b.lengths.tolist(), b.segment_ids
     ([2, 3], None)
     """
@@ -182,11 +185,11 @@ def collate_prefix(examples: list[Example], pad_id: int) -> Batch:
     >>> ex = Example(0, prompt_ids=[5, 6], completion_ids=[[7, 2], [8, 9, 2]])
     >>> b = collate_prefix([ex], pad_id=0)
     >>> b.input_ids.tolist(), b.position_ids.tolist(), b.branch_ids.tolist()
-    ([[5, 6, 7, 2, 8, 9, 2]], [[0, 1, 2, 3, 2, 3, 4]], [[0, 0, 1, 1, 2, 2, 2]])
+    ([[5, 6, 7, 8, 9]], [[0, 1, 2, 2, 3]], [[0, 0, 1, 2, 2]])
     >>> b.score_pos.tolist(), b.score_tok.tolist(), b.score_seq.tolist()
-    ([1, 2, 1, 4, 5], [7, 2, 8, 9, 2], [0, 0, 1, 1, 1])
-    >>> dense_visible(b.segment_ids, b.branch_ids)[0, 0, 4].tolist()  # the rejected's 1st token: not 7, 2
-    [True, True, False, False, True, False, False]
+    ([1, 2, 1, 3, 4], [7, 2, 8, 9, 2], [0, 0, 1, 1, 1])
+    >>> dense_visible(b.segment_ids, b.branch_ids)[0, 0, 3].tolist()  # the rejected's 1st token: not 7
+    [True, True, False, True, False]
     """
     K = len(examples[0].completion_ids)
     return assemble([[shared_segment(ex, b * K)] for b, ex in enumerate(examples)], examples, pad_id, masked=True)
@@ -233,11 +236,11 @@ def collate_packed(examples: list[Example], pad_id: int, row_tokens: int = 0) ->
     >>> b = Example(1, prompt_ids=[9], completion_ids=[[3], [4, 2]])
     >>> batch = collate_packed([a, b], pad_id=0, row_tokens=16)
     >>> batch.input_ids.tolist(), batch.segment_ids.tolist()
-    ([[5, 6, 7, 2, 8, 2, 9, 3, 4, 2]], [[0, 0, 0, 0, 0, 0, 1, 1, 1, 1]])
+    ([[5, 6, 7, 8, 9, 4]], [[0, 0, 0, 0, 1, 1]])
     >>> batch.position_ids.tolist()
-    [[0, 1, 2, 3, 2, 3, 0, 1, 1, 2]]
+    [[0, 1, 2, 2, 0, 1]]
     >>> batch.score_pos.tolist(), batch.score_seq.tolist()
-    ([1, 2, 1, 4, 6, 6, 8], [0, 0, 1, 1, 2, 3, 3])
+    ([1, 2, 1, 3, 4, 4, 5], [0, 0, 1, 1, 2, 3, 3])
     """
     K = len(examples[0].completion_ids)
     segments = [shared_segment(ex, b * K) for b, ex in enumerate(examples)]

@@ -196,15 +196,17 @@ def test_bf16_autocast_takes_the_masks_too(attn, tiny_model, tokenizer):
 
 def test_rows_hold_no_padding_but_their_tails(tokenizer):
     """What each layout computes: padded pays K prompts and pads to the longest sequence; prefix one
-    prompt per example; packed rows no longer than the longest example, padding only after the segments."""
+    prompt per example; packed rows no longer than the longest example, padding only after the segments.
+    No layout feeds a completion's last token (it is only a target)."""
     exs = examples_of("ranked", tokenizer, n=16)
     K = 3
-    real = sum(len(ex.prompt_ids) + sum(map(len, ex.completion_ids)) for ex in exs)
+    inputs = [sum(len(c) - 1 for c in ex.completion_ids) for ex in exs]  # completion tokens that are inputs
+    real = sum(len(ex.prompt_ids) + n for ex, n in zip(exs, inputs))
     padded, prefix = collate(exs, 0), collate_prefix(exs, 0)
     packed, one_row = collate_packed(exs, 0, row_tokens=0), collate_packed(exs, 0, row_tokens=10_000)
-    assert padded.num_tokens == sum(K * len(ex.prompt_ids) + sum(map(len, ex.completion_ids)) for ex in exs)
+    assert padded.num_tokens == sum(K * len(ex.prompt_ids) + n for ex, n in zip(exs, inputs))
     assert prefix.num_tokens == packed.num_tokens == one_row.num_tokens == real
-    longest = max(len(ex.prompt_ids) + sum(map(len, ex.completion_ids)) for ex in exs)
+    longest = max(len(ex.prompt_ids) + n for ex, n in zip(exs, inputs))
     assert packed.input_ids.shape[1] == longest and packed.input_ids.shape[0] < len(exs)
     assert one_row.input_ids.shape == (1, real)  # the whole batch in one row: no padding at all
     for b in (prefix, packed, one_row):
@@ -216,10 +218,13 @@ def test_rows_hold_no_padding_but_their_tails(tokenizer):
 
 def test_a_segment_sees_only_its_prompt_and_its_own_branch():
     """Two examples packed in one row, by hand: tokens 0-3 are example a (prompt 5, chosen 7 2, rejected 8),
-    tokens 4-6 example b (prompt 9, chosen 3, rejected 4)."""
-    a, b = Example(0, [5], [[7, 2], [8]]), Example(1, [9], [[3], [4]])
+    tokens 4-6 example b (prompt 9, chosen 3, rejected 4); each completion's last token (1, EOS) is scored
+    but not fed."""
+    a, b = Example(0, [5], [[7, 2, 1], [8, 1]]), Example(1, [9], [[3, 1], [4, 1]])
     batch = collate_packed([a, b], pad_id=0, row_tokens=16)
     assert batch.input_ids.tolist() == [[5, 7, 2, 8, 9, 3, 4]]
+    assert batch.score_pos.tolist() == [0, 1, 2, 0, 3, 4, 5, 4, 6]  # who predicts 7 2 1 | 8 1 | 3 1 | 4 1
+    assert batch.score_tok.tolist() == [7, 2, 1, 8, 1, 3, 1, 4, 1]
     seen = dense_visible(batch.segment_ids, batch.branch_ids)[0, 0].int().tolist()
     assert seen == [[1, 0, 0, 0, 0, 0, 0],
                     [1, 1, 0, 0, 0, 0, 0],

@@ -10,15 +10,17 @@ from dpolab.logps import SequenceLogps
 from dpolab.tokenization import Example
 
 
-def full_logps(model, input_ids, attention_mask, prompt_lens):
-    """Independent: the whole [N, T, V] log_softmax, then gather the completion tokens row by row."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (N, T, V)
-    logps = logits.log_softmax(-1)
+def full_logps(model, examples):
+    """Independent: one right-padded row per whole sequence (prompt + completion, built here, not by the
+    collator), the whole [N, T, V] log_softmax, then gather the completion tokens row by row."""
+    seqs = [(ex.prompt_ids, c) for ex in examples for c in ex.completion_ids]
+    T = max(len(p) + len(c) for p, c in seqs)
+    input_ids = torch.tensor([p + c + [0] * (T - len(p) - len(c)) for p, c in seqs])
+    attention_mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (T - len(p) - len(c)) for p, c in seqs])
+    logps = model(input_ids=input_ids, attention_mask=attention_mask).logits.float().log_softmax(-1)  # (N, T, V)
     out = []
-    for i, p in enumerate(prompt_lens):
-        n = int(attention_mask[i].sum())
-        targets = input_ids[i, p:n]
-        out.append(logps[i, p - 1: n - 1].gather(-1, targets[:, None]).sum())
+    for i, (p, c) in enumerate(seqs):
+        out.append(logps[i, len(p) - 1: len(p) + len(c) - 1].gather(-1, torch.tensor(c)[:, None]).sum())
     return torch.stack(out)
 
 
@@ -32,8 +34,7 @@ def examples():
 def test_matches_full_log_softmax(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     batch = collate(examples(), pad_id=0)
-    prompt_lens = [len(ex.prompt_ids) for ex in examples() for _ in range(2)]
-    expected = full_logps(model, batch.input_ids, batch.attention_mask, prompt_lens)
+    expected = full_logps(model, examples())
     for chunk in (1, 4, 1024):
         got = SequenceLogps(model, chunk)(**batch.model_inputs())
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -43,9 +44,8 @@ def test_gradients_match_full_log_softmax(tiny_model):
     """The checkpointed chunks give the same parameter gradients as the plain computation."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     batch = collate(examples(), pad_id=0)
-    prompt_lens = [len(ex.prompt_ids) for ex in examples() for _ in range(2)]
     weights = torch.linspace(-1, 1, 6)
-    (full_logps(model, batch.input_ids, batch.attention_mask, prompt_lens) * weights).sum().backward()
+    (full_logps(model, examples()) * weights).sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     (SequenceLogps(model, chunk=3)(**batch.model_inputs()) * weights).sum().backward()
