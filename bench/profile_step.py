@@ -41,7 +41,7 @@ def dpolab_parts(ds: dict, layout: str, precompute: bool, steps: int) -> dict[st
     examples = tokenize_records(load_records(ds["trl_data"]), tok, ds["max_length"], ds["max_prompt_length"])
     policy, reference = SequenceLogps(model), ModelReference(copy.deepcopy(model))
     objective = build_objective(["sigmoid"], None, ds["beta"], vars(Config()))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ds["learning_rate"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ds["learning_rate"], fused=True)  # as dpolab.training
     B, parts = ds["batch_size"], defaultdict(list)
     for step in range(min(steps, len(examples) // B)):
         t = t0 = time.perf_counter()
