@@ -45,7 +45,7 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best" if len(rows) < 200 else "upper right")
+        ax.legend(fontsize=8, loc="best" if len(rows) < 200 else "upper right")  # "best" scans every point
         fig.savefig(out_dir / name, pil_kwargs={"compress_level": 1})
         written.append(out_dir / name)
     return written
