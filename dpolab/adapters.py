@@ -52,8 +52,8 @@ def is_peft(model) -> bool:
 
 
 def load_policy(name: str, lora_r: int, lora_alpha: float, lora_dropout: float, target_modules: str,
-                trust_remote_code: bool = False, allow_pickle: bool = False, load_in_4bit: bool = False
-                ) -> torch.nn.Module:
+                trust_remote_code: bool = False, allow_pickle: bool = False, load_in_4bit: bool = False,
+                attn_implementation: str | None = None) -> torch.nn.Module:
     """The model to train: plain, base + a new LoRA adapter, or base + an existing adapter (see above).
     ``load_in_4bit`` (QLoRA): the base is loaded quantised and prepared for k-bit training first."""
     from dpolab.setup import load_model
@@ -64,12 +64,14 @@ def load_policy(name: str, lora_r: int, lora_alpha: float, lora_dropout: float, 
                               "further (its own rank and targets are kept)")
         from peft import PeftModel
 
-        base = prepare_base(load_model(base_of(name), trust_remote_code, allow_pickle, load_in_4bit), load_in_4bit)
+        base = prepare_base(load_model(base_of(name), trust_remote_code, allow_pickle, load_in_4bit,
+                                       attn_implementation), load_in_4bit)
         model = PeftModel.from_pretrained(base, name, adapter_name=TRAINED, is_trainable=True)
         model.load_adapter(name, adapter_name=STARTING, is_trainable=False)
         model.set_adapter(TRAINED)  # trainable again after loading the frozen copy
         return model
-    model = prepare_base(load_model(name, trust_remote_code, allow_pickle, load_in_4bit), load_in_4bit)
+    model = prepare_base(load_model(name, trust_remote_code, allow_pickle, load_in_4bit, attn_implementation),
+                         load_in_4bit)
     if not lora_r:
         return model
     from peft import LoraConfig, get_peft_model

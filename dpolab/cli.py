@@ -22,7 +22,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 EVAL_FIELDS = ["model", "ref_model", "data", "loss", "loss_weights", "beta", "label_smoothing", "reference_free",
                "unpair", "use_weighting", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
                "batch_size", "max_length", "max_prompt_length", "skip_invalid", "ignore_columns", "bf16", "logits_chunk",
-               "layout", "row_tokens", "trust_remote_code", "allow_pickle_weights"]
+               "layout", "row_tokens", "attn_implementation", "trust_remote_code", "allow_pickle_weights"]
 
 
 def add_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:

@@ -107,6 +107,12 @@ class Config:
                                               "micro-batch's longest example, which keeps the attention cost of "
                                               "a row (quadratic in its length under a dense mask) at one "
                                               "example's.")
+    attn_implementation: str | None = opt(None, "Attention kernel the models run with, as transformers names it "
+                                                "(sdpa, eager, flex_attention, flash_attention_2, ...). Unset: "
+                                                "the model's default (sdpa for most). The prefix and packed layouts "
+                                                "need one that takes their mask (sdpa, eager, or flex_attention, "
+                                                "which skips masked blocks but trains on GPUs only); any other "
+                                                "needs --layout padded.")
     trust_remote_code: bool = opt(False, "Allow model code from the model folder or hub (off: safer).")
     allow_pickle_weights: bool = opt(False, "Also load weights from pickle files (.bin/.pt), which can run "
                                             "code when loaded; off: safetensors only.")

@@ -105,12 +105,14 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str = "s
         if ref_name is None:
             log.warning("no --ref-model and no recorded reference: the model is its own reference (rewards 0)")
             ref_name = model
-        ref = load_model(ref_name, config.trust_remote_code, config.allow_pickle_weights)
+        ref = load_model(ref_name, config.trust_remote_code, config.allow_pickle_weights,
+                         attn_implementation=config.attn_implementation)
         reference = ModelReference(ref.to(accelerator.device), chunk=config.logits_chunk,
                                    autocast=accelerator.autocast, ld_alpha=config.ld_alpha)
     else:
         reference = NoReference()
-    policy = SequenceLogps(load_model(model, config.trust_remote_code, config.allow_pickle_weights),
+    policy = SequenceLogps(load_model(model, config.trust_remote_code, config.allow_pickle_weights,
+                                      attn_implementation=config.attn_implementation),
                            chunk=config.logits_chunk, ld_alpha=config.ld_alpha)
     policy = accelerator.prepare(policy)
     return evaluate_examples(policy, reference, objective, examples, config.batch_size, accelerator,

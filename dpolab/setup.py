@@ -64,10 +64,22 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, trust_remote_code: bool = False, allow_pickle: bool = False,
-               load_in_4bit: bool = False) -> torch.nn.Module:
+               load_in_4bit: bool = False, attn_implementation: str | None = None) -> torch.nn.Module:
     """A causal LM in fp32 (bf16 runs under autocast), from safetensors weights unless ``allow_pickle``.
     A PEFT adapter folder gives its base with the adapter merged in. ``load_in_4bit``: the weights are
-    quantised to NF4 by bitsandbytes on this process's GPU (QLoRA; Config.validate refuses it elsewhere)."""
+    quantised to NF4 by bitsandbytes on this process's GPU (QLoRA; Config.validate refuses it elsewhere).
+    ``attn_implementation``: the attention kernel (transformers' name); None keeps the model's default."""
+    model = _load_model(name, trust_remote_code, allow_pickle, load_in_4bit)
+    if attn_implementation:
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except (ImportError, ValueError) as e:
+            raise DpolabError(f"cannot run {name} with attn_implementation={attn_implementation}: "
+                              f"{first_line(e)}") from None
+    return model
+
+
+def _load_model(name: str, trust_remote_code: bool, allow_pickle: bool, load_in_4bit: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -191,7 +203,8 @@ def build_reference(config: Config, objective: Objective, model, train_examples:
         raise ConfigError("--ref-device needs a reference model of its own: with LoRA the reference is the "
                           "policy itself with its adapters off")
     if config.ref_model:
-        ref_model = load_model(config.ref_model, config.trust_remote_code, config.allow_pickle_weights)
+        ref_model = load_model(config.ref_model, config.trust_remote_code, config.allow_pickle_weights,
+                               attn_implementation=config.attn_implementation)
         reference = ModelReference(ref_model.to(device), config.logits_chunk, accelerator.autocast, device,
                                    config.ld_alpha)
     elif lora_reference:

@@ -160,7 +160,7 @@ def build_models(run: Run) -> None:
     torch.manual_seed(config.seed)
     model = adapters.load_policy(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                  config.lora_target_modules, config.trust_remote_code, config.allow_pickle_weights,
-                                 config.load_in_4bit)
+                                 config.load_in_4bit, config.attn_implementation)
     run.train_ref, run.eval_ref = build_reference(config, run.objective, model, run.train_examples,
                                                   run.eval_examples, accelerator, run.tokenizer.pad_token_id)
     if config.gradient_checkpointing:
@@ -311,7 +311,8 @@ def run_task_report(config: Config, task, policy, tokenizer) -> dict[str, float]
     """Task reward of the reference and of the trained policy, same prompts and seeds; KL from samples."""
     from dpolab.task_eval import before_after, task_report
 
-    reference = load_model(config.ref_model or config.model, config.trust_remote_code, config.allow_pickle_weights)
+    reference = load_model(config.ref_model or config.model, config.trust_remote_code, config.allow_pickle_weights,
+                           attn_implementation=config.attn_implementation)
     reference.to(next(policy.parameters()).device)
     args = dict(num_prompts=config.task_prompts, num_samples=config.task_samples, seed=config.seed,
                 max_new_tokens=config.task_max_new_tokens, layout=config.layout, row_tokens=config.row_tokens)

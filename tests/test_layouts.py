@@ -9,6 +9,7 @@ for standard, conversational, ranked (K = 3) and unpaired + KL data, and with tr
 import doctest
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,3 +332,35 @@ def test_eval_and_score_agree_across_layouts(tiny_model, other_model, prefs):
     for s in scores[1:]:
         assert s["logp"] == pytest.approx(scores[0]["logp"], abs=1e-5)
         assert s["reward"] == pytest.approx(scores[0]["reward"], abs=1e-6)
+
+
+def test_the_attention_kernel_is_a_setting_and_the_kernels_train_alike(run_config, tmp_path, tiny_model, other_model,
+                                                                        monkeypatch):
+    """--attn-implementation reaches every model a run loads (policy, --ref-model): SDPA (bool mask) and
+    eager (additive mask) train the packed layout to the same losses, step by step, against a different
+    reference (so the losses are not ln 2); an unknown kernel is refused in one line."""
+    from transformers import PreTrainedModel
+
+    from dpolab.errors import DpolabError
+    from dpolab.setup import load_model
+
+    assert load_model(str(tiny_model), attn_implementation="eager").config._attn_implementation == "eager"
+    applied, original = [], PreTrainedModel.set_attn_implementation
+
+    def spy(self, impl, *args, **kwargs):
+        original(self, impl, *args, **kwargs)
+        applied.append((Path(self.config._name_or_path).name, self.config._attn_implementation))
+
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", spy)
+    losses = {}
+    for attn in ("sdpa", "eager"):
+        out = tmp_path / attn
+        applied.clear()
+        dpolab.train(**run_config(output_dir=str(out), max_steps=3, eval_split=0, ref_model=str(other_model),
+                                  attn_implementation=attn))
+        assert sorted(applied) == sorted([(tiny_model.name, attn), (other_model.name, attn)])
+        losses[attn] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses["sdpa"]) == 3 and abs(losses["sdpa"][0] - math.log(2)) > 1e-3
+    assert losses["eager"] == pytest.approx(losses["sdpa"], abs=1e-5)
+    with pytest.raises(DpolabError, match="attn_implementation=no-such-kernel"):
+        dpolab.train(**run_config(output_dir=str(tmp_path / "bad"), max_steps=1, attn_implementation="no-such-kernel"))
