@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ref-model", help="default: the reference recorded in a dpolab final/ folder")
     s.add_argument("--prompt", required=True)
     s.add_argument("--response", required=True)
-    s.add_argument("--beta", type=float, default=0.1)
+    s.add_argument("--beta", type=float, help="default: the β a dpolab final/ folder records, else 0.1")
     s.add_argument("--trust-remote-code", action="store_true")
     add_flags(s, ["layout", "allow_pickle_weights"])
     s.add_argument("--json", action="store_true", help="print reward and log-probs as JSON")

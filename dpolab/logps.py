@@ -65,27 +65,40 @@ def attention_mask_for(config, segment_ids: Tensor, branch_ids: Tensor, position
     return ATTENTION_MASKS[impl](segment_ids, branch_ids, dtype)
 
 
-def token_logps(hidden: Tensor, tokens: Tensor, head: nn.Module, softcap: float | None, scale: float | None) -> Tensor:
-    """log p(token) for each row of ``hidden`` (M, H) and its target in ``tokens`` (M,) → (M,) fp32."""
+def token_logps(hidden: Tensor, tokens: Tensor, head: nn.Module, softcap: float | None, scale: float | None,
+                sum_sq: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """log p(token) for each row of ``hidden`` (M, H) and its target in ``tokens`` (M,) → (M,) fp32.
+    ``sum_sq``: also ``log Σ_v p(v)²`` per row (M,), detached, from the same logits (WPO's alignment)."""
     logits = head(hidden).float()  # (M, V)
     if scale is not None:
         logits = logits * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)  # (M,)
+    logps = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    if not sum_sq:
+        return logps
+    with torch.no_grad():
+        return logps, torch.logsumexp(2 * logits, dim=-1) - 2 * lse  # log Σ p² = log Σ e^{2z} − 2·log Σ e^z
 
 
 class SequenceLogps(nn.Module):
     """Wraps a causal LM; ``forward`` returns the per-sequence sums of completion-token log-probs (S,).
 
+    With ``aligned`` (WPO) it returns ``(sums, aligned)``: ``aligned`` (S,), detached, is each sequence's
+    Σ_t (log p_t − log Σ_v p_t(v)²), the per-token log-probs "aligned" by the log of the sum of squared
+    next-token probabilities (Zhou et al. 2024, eq. 2; TRL 1.16's ``use_weighting``). It is accumulated
+    inside the chunked LM-head pass, so no [N, T, V] tensor appears for it either.
+
     Distributed wrappers (DDP, FSDP) wrap this module, so gradients synchronise through its forward.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 1024, ld_alpha: float | None = None):
+    def __init__(self, model: nn.Module, chunk: int = 1024, ld_alpha: float | None = None, aligned: bool = False):
         super().__init__()
         self.model = model
         self.chunk = chunk
         self.ld_alpha = ld_alpha  # LD-DPO: weight of tokens past the shorter answer of each pair
+        self.aligned = aligned
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.scale = getattr(config, "logit_scale", None)
@@ -103,22 +116,29 @@ class SequenceLogps(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, score_pos: Tensor,
                 score_tok: Tensor, score_seq: Tensor, num_sequences: int, segment_ids: Tensor | None = None,
-                branch_ids: Tensor | None = None) -> Tensor:
+                branch_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, branch_ids)  # (N, T, H)
         hidden = hidden.reshape(-1, hidden.shape[-1])[score_pos]  # (M, H): only the scored positions
         head = self.model.get_output_embeddings()
-        pieces = []
+        pieces, sum_sq = [], []
         for i in range(0, hidden.shape[0], self.chunk):
             h, t = hidden[i: i + self.chunk], score_tok[i: i + self.chunk]
             if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(token_logps, h, t, head, self.softcap, self.scale, use_reentrant=False))
+                out = checkpoint(token_logps, h, t, head, self.softcap, self.scale, self.aligned, use_reentrant=False)
             else:
-                pieces.append(token_logps(h, t, head, self.softcap, self.scale))
+                out = token_logps(h, t, head, self.softcap, self.scale, self.aligned)
+            pieces.append(out[0] if self.aligned else out)
+            if self.aligned:
+                sum_sq.append(out[1])
         logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (M,)
+        raw = logps
         if self.ld_alpha is not None:
             logps = logps * ld_weights(score_seq, num_sequences, self.ld_alpha)
-        sums = logps.new_zeros(num_sequences)
-        return sums.index_add(0, score_seq, logps)  # (S,)
+        sums = logps.new_zeros(num_sequences).index_add(0, score_seq, logps)  # (S,)
+        if not self.aligned:
+            return sums
+        aligned = (raw.detach() - torch.cat(sum_sq)) if sum_sq else raw.detach()  # (M,)
+        return sums, aligned.new_zeros(num_sequences).index_add(0, score_seq, aligned)  # (S,), (S,)
 
 
 def ld_weights(score_seq: Tensor, num_sequences: int, alpha: float) -> Tensor:

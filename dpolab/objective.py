@@ -24,7 +24,7 @@ Tensor = torch.Tensor
 @dataclass
 class Output:
     losses: Tensor  # (B,) Σ_k w_k · loss_k per example
-    chosen_rewards: Tensor  # (B,) β·h of the chosen (best) completion; unpaired: (n_desirable,)
+    chosen_rewards: Tensor  # (B,) reward of the chosen (best) completion (SPEC §1); unpaired: (n_desirable,)
     rejected_rewards: Tensor  # (B,) of the rejected (worst) completion; unpaired: (n_undesirable,)
     chosen_logps: Tensor  # policy log-probs matching chosen_rewards, detached
     rejected_logps: Tensor
@@ -61,14 +61,17 @@ class Objective:
     def columns(self) -> set[str]:
         return {c for loss in self.losses for c in loss.columns}
 
-    def __call__(self, policy_logps: Tensor, ref_logps: Tensor, batch: Batch) -> Output:
+    def __call__(self, policy_logps: Tensor | tuple[Tensor, Tensor], ref_logps: Tensor, batch: Batch) -> Output:
+        """``policy_logps``: (S,), or with WPO ``(logps, aligned)`` as ``SequenceLogps(..., aligned=True)``
+        returns them; ``ref_logps`` (S,)."""
+        policy_logps, aligned = policy_logps if isinstance(policy_logps, tuple) else (policy_logps, None)
         K = batch.num_completions
         P, R, L = policy_logps.view(-1, K), ref_logps.view(-1, K), batch.lengths.view(-1, K)  # (B, K)
         h = (P - R).detach()
         if self.data == "unpaired":
             return self._unpaired(P, R, h, batch)
         delta = self._delta(self.beta * h) if any("delta" in loss.state for loss in self.losses) else None
-        total = 0.0
+        total, reported = 0.0, None
         for loss, w, params in zip(self.losses, self.weights, self.params):
             kwargs = dict(params, beta=self.beta)
             if "margin" in loss.columns:
@@ -86,10 +89,18 @@ class Objective:
                                                  f_alpha_divergence_coef=self.f_alpha_divergence_coef)
                 out = loss(*inputs, **kwargs)
             total = total + w * out[0]
-        if self.use_weighting:
-            total = total * wpo_weights(P[:, 0], P[:, 1], L[:, 0], L[:, 1])
-        # Implicit rewards β·h of the best and the worst completion (SPEC §1), whatever the loss.
-        return Output(total, self.beta * h[:, 0], self.beta * h[:, -1], P[:, 0].detach(), P[:, -1].detach())
+            if loss.own_reward and reported is None:
+                reported = out[1].detach(), out[2].detach()
+        if self.use_weighting:  # WPO: the aligned log-probs already hold −Σ log Σ_v p², so no S here
+            if aligned is None:
+                raise ValueError("use_weighting (WPO) needs the policy's aligned log-probs: "
+                                 "SequenceLogps(model, aligned=True)")
+            A = aligned.view(-1, K)
+            total = total * wpo_weights(A[:, 0], A[:, 1], L[:, 0], L[:, 1])
+        # SPEC §1: the first listed loss's own reward (SimPO's β·π/n, ...), else the implicit reward β·h of the
+        # best and the worst completion (never β·f(h) under f-DPO: f replaces h inside the loss only).
+        chosen, rejected = reported or (self.beta * h[:, 0], self.beta * h[:, -1])
+        return Output(total, chosen, rejected, P[:, 0].detach(), P[:, -1].detach())
 
     def _unpaired(self, P: Tensor, R: Tensor, h: Tensor, batch: Batch) -> Output:
         labels = batch.labels.to(P.device)

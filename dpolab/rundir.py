@@ -17,6 +17,7 @@ from dpolab import metrics as M
 from dpolab.checkpoint import resume_conflicts, save_checkpoint
 from dpolab.config import Config
 from dpolab.errors import ConfigError
+from dpolab.evaluation import RECORD, run_record
 from dpolab.guard import writing
 
 
@@ -57,12 +58,12 @@ class RunFiles:
         self.saved.append(str(save_checkpoint(self.out / "checkpoints", step, model, optimizer, scheduler,
                                               self.keep, state, reference)))
 
-    def finish(self, model, tokenizer, config: Config, state_dict, summary: dict) -> None:
+    def finish(self, model, tokenizer, config: Config, state_dict, summary: dict, objective_state: dict) -> None:
         """``final/`` (atomically), ``summary.json`` and the plots."""
         if not self.main:
             return
         with writing(self.out / "final", self.last_saved, partial=self.out / ".final.tmp"):
-            save_final(self.out, model, tokenizer, config, state_dict)
+            save_final(self.out, model, tokenizer, config, state_dict, objective_state)
         with writing(self.out / "summary.json", self.last_saved):
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.metrics.close()
@@ -103,9 +104,10 @@ def check_resume_settings(saved_config: Path, config: Config) -> None:
                           "over the total steps)")
 
 
-def save_final(out: Path, model, tokenizer, config: Config, state_dict=None) -> None:
-    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, plus what dpolab
-    needs to score with it; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
+def save_final(out: Path, model, tokenizer, config: Config, state_dict=None, objective_state: dict | None = None
+               ) -> None:
+    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, plus ``dpolab.json``,
+    what ``dpolab eval`` and ``score`` need to measure with the run's own reference and objective; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
     Written beside and renamed into place, so a crash never leaves a half-written ``final/``."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,11 +116,7 @@ def save_final(out: Path, model, tokenizer, config: Config, state_dict=None) -> 
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    reference = config.ref_model or config.model
-    if Path(reference).exists():
-        reference = str(Path(reference).resolve())
-    (tmp / "dpolab.json").write_text(json.dumps({"reference": reference, "beta": config.beta,
-                                                 "loss": config.loss}, indent=2))
+    (tmp / RECORD).write_text(json.dumps(run_record(config, objective_state or {}), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if config.merge_on_save:

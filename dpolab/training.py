@@ -165,7 +165,7 @@ def build_models(run: Run) -> None:
                                                   run.eval_examples, accelerator, run.tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = SequenceLogps(model, config.logits_chunk, config.ld_alpha)
+    policy = SequenceLogps(model, config.logits_chunk, config.ld_alpha, aligned=config.use_weighting)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA: the adapters only
     # The fused kernel (as transformers' Trainer uses) does the whole update in one pass: on the bundled model
     # 0.7 ms a step instead of 4.5 ms for the multi-tensor loop. Other devices keep PyTorch's default.
@@ -291,7 +291,7 @@ def finish(run: Run, files: RunFiles, progress: Progress, runtime: float) -> dic
         summary["eval_reward_accuracy"] = eval_after["eval/rewards/accuracies"]
     run.accelerator.wait_for_everyone()
     state = distributed.full_state_dict(run.accelerator, run.policy)  # every process: FSDP/ZeRO-3 gather shards
-    files.finish(run.model, run.tokenizer, run.config, state, summary)
+    files.finish(run.model, run.tokenizer, run.config, state, summary, run.objective.state)
     run.accelerator.wait_for_everyone()
     return summary
 

@@ -38,15 +38,34 @@ def tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def token_logps(model_dir, prompt: str, completion: str, weights: str | None = None) -> torch.Tensor:
-    """log p(token) of every completion token (EOS appended), float64, from one full forward pass:
+def completion_log_softmax(model_dir, prompt: str, completion: str, weights: str | None = None):
+    """(next-token log-probs at the positions predicting each completion token (n, V), float64, the tokens):
     plain-text tokenisation of SPEC §4 (prompt with special tokens, completion without, then EOS)."""
     tok, model = tokenizer(str(model_dir)), load(str(model_dir), None if weights is None else str(weights))
     p = tok(prompt)["input_ids"]
     c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     with torch.no_grad():
         lp = model(torch.tensor([p + c])).logits[0].double().log_softmax(-1)  # (T, V)
-    return torch.stack([lp[len(p) - 1 + j, t] for j, t in enumerate(c)])  # (n,)
+    return lp[len(p) - 1: len(p) - 1 + len(c)], torch.tensor(c)
+
+
+def token_logps(model_dir, prompt: str, completion: str, weights: str | None = None) -> torch.Tensor:
+    """log p(token) of every completion token (EOS appended), float64, from one full forward pass."""
+    lp, c = completion_log_softmax(model_dir, prompt, completion, weights)
+    return lp.gather(-1, c[:, None]).squeeze(-1)  # (n,)
+
+
+def aligned_logps(model_dir, prompt: str, completion: str) -> torch.Tensor:
+    """WPO's aligned sum Σ_t (log p_t − log Σ_v p_t(v)²), written out from the full distribution."""
+    lp, c = completion_log_softmax(model_dir, prompt, completion)
+    sum_sq = torch.log((lp.exp() ** 2).sum(-1))  # (n,)
+    return (lp.gather(-1, c[:, None]).squeeze(-1) - sum_sq).sum()
+
+
+def pair_aligned(model_dir, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """WPO's aligned sums of the chosen and of the rejected answers, (B,) each."""
+    return (torch.stack([aligned_logps(model_dir, r["prompt"], r["chosen"]) for r in rows]),
+            torch.stack([aligned_logps(model_dir, r["prompt"], r["rejected"]) for r in rows]))
 
 
 def pair_logps(model_dir, rows: list[dict], weights: str | Path | None = None) -> list[tuple[torch.Tensor, ...]]:

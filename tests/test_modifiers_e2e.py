@@ -23,7 +23,7 @@ from dpolab import cli
 from dpolab.metrics import read_metrics
 from dpolab.training import step_examples
 from tests.conftest import preference_rows, write_jsonl
-from tests.hand import pair_logps, uneven_rows
+from tests.hand import pair_aligned, pair_logps, uneven_rows
 
 BETA = 0.5
 
@@ -53,8 +53,9 @@ def alpha_div(h, a=0.3):
     return (torch.exp((a - 1) * h) - 1) / (a - 1)
 
 
-def hand_eval(case: str, policy, ref) -> dict[str, float]:
-    """Mean loss, chosen reward and margin over all rows in one batch, from per-token log-probs."""
+def hand_eval(case: str, policy, ref, aligned=None) -> dict[str, float]:
+    """Mean loss, chosen reward and margin over all rows in one batch, from per-token log-probs (and WPO's
+    aligned sums, :func:`tests.hand.pair_aligned`)."""
     pc, pr, rc, rr, nc, nr = [], [], [], [], [], []
     for (c, r), (c0, r0) in zip(policy, ref):
         nc.append(len(c)), nr.append(len(r))
@@ -70,8 +71,9 @@ def hand_eval(case: str, policy, ref) -> dict[str, float]:
     losses = -F.logsigmoid(z)
     if case == "label_smoothing":  # cDPO, ε = 0.2
         losses = -0.8 * F.logsigmoid(z) - 0.2 * F.logsigmoid(-z)
-    if case == "use_weighting":  # WPO's plain weight: geometric-mean token probability of both answers
-        losses = losses * torch.exp(pc / nc) * torch.exp(pr / nr)
+    if case == "use_weighting":  # WPO (eq. 2): exp of the aligned mean log-prob of both answers
+        a_c, a_r = aligned
+        losses = losses * torch.exp(a_c / nc) * torch.exp(a_r / nr)
     if case == "loss_weights":  # RPO: sigmoid + 0.5 · (NLL per chosen token over the batch)
         losses = losses + 0.5 * (-pc.sum() / nc.sum())
     return {"eval/loss": losses.mean().item(), "eval/rewards/chosen": (BETA * h_c).mean().item(),
@@ -92,18 +94,18 @@ EVAL_CASES = {
 def uneven(tmp_path_factory, tiny_model, other_model):
     rows = uneven_rows(12, seed=4)
     data = write_jsonl(tmp_path_factory.mktemp("uneven") / "d.jsonl", rows)
-    return data, rows, pair_logps(tiny_model, rows), pair_logps(other_model, rows)
+    return data, rows, pair_logps(tiny_model, rows), pair_logps(other_model, rows), pair_aligned(tiny_model, rows)
 
 
 @pytest.mark.parametrize("case", list(EVAL_CASES))
 def test_eval_with_a_modifier_matches_the_hand_computation(case, uneven, tiny_model, other_model, capsys):
-    data, rows, policy, ref = uneven
+    data, rows, policy, ref, aligned = uneven
     argv = ["--model", tiny_model, "--ref-model", other_model, "--data", data, "--beta", BETA,
             "--batch-size", len(rows), *EVAL_CASES[case]]
     if "--loss" not in argv:
         argv += ["--loss", "sigmoid"]
     got = eval_cli(capsys, *argv)
-    expected = hand_eval(case, policy, ref)
+    expected = hand_eval(case, policy, ref, aligned)
     for k, v in expected.items():
         assert got[k] == pytest.approx(v, abs=1e-5), k
     # the modifier changed the numbers: the plain DPO value is not what came out
@@ -114,7 +116,7 @@ def test_eval_with_a_modifier_matches_the_hand_computation(case, uneven, tiny_mo
 
 def test_python_evaluate_takes_ld_alpha(uneven, tiny_model, other_model):
     """``dpolab.evaluate(..., ld_alpha=x)``: the Python API with the same numbers as the hand computation."""
-    data, rows, policy, ref = uneven
+    data, rows, policy, ref, _ = uneven
     got = dpolab.evaluate(str(tiny_model), str(data), ref_model=str(other_model), beta=BETA, batch_size=5,
                           ld_alpha=0.3)
     assert got["eval/loss"] == pytest.approx(hand_eval("ld_alpha", policy, ref)["eval/loss"], abs=1e-5)
@@ -128,7 +130,7 @@ TRAIN = dict(batch_size=8, learning_rate=1e-2, eval_split=0.0, progress=False, w
 
 def test_first_step_of_rpo_with_wpo_weights_matches_the_hand_computation(tiny_model, prefs, tmp_path):
     """At step 1 policy = reference, so sigmoid = ln 2 per pair, and the RPO term is the batch's NLL per chosen
-    token; WPO multiplies each pair's sum by exp(π_c/n_c)·exp(π_r/n_r)."""
+    token; WPO multiplies each pair's sum by exp(ā_c)·exp(ā_r), ā the aligned mean log-prob (eq. 2)."""
     rows = preference_rows(64)
     out = tmp_path / "rpo"
     dpolab.train(model=str(tiny_model), data=str(prefs), output_dir=str(out), max_steps=1, save_every=0,
@@ -140,7 +142,8 @@ def test_first_step_of_rpo_with_wpo_weights_matches_the_hand_computation(tiny_mo
     nc = torch.tensor([len(c) for c, _ in logps], dtype=torch.float64)
     nr = torch.tensor([len(r) for _, r in logps], dtype=torch.float64)
     sft_rows = -pc * len(batch) / nc.sum()  # rows whose mean is the NLL per chosen token
-    expected = ((math.log(2) + 0.5 * sft_rows) * torch.exp(pc / nc) * torch.exp(pr / nr)).mean().item()
+    a_c, a_r = pair_aligned(tiny_model, batch)
+    expected = ((math.log(2) + 0.5 * sft_rows) * torch.exp(a_c / nc) * torch.exp(a_r / nr)).mean().item()
     assert steps(out)[0]["loss"] == pytest.approx(expected, abs=1e-5)
 
 

@@ -142,10 +142,9 @@ def wpo_weights(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chos
     Optimization, eq. 2. Multiply before the mean (and before combining). TRL refuses WPO with
     ``aot``/``aot_unpaired`` (sorting breaks the pairing); so does dpolab (``row_weights``).
 
-    Deviation: dpolab's trainer (``use_weighting``) calls this WITHOUT ``S``, so it trains with the plain
-    weight ``exp(π_c/n_c)·exp(π_r/n_r)``, not TRL 1.16's aligned weight; the two differ by the factor
-    ``exp(−S_c/n_c − S_r/n_r)`` ≥ 1 and are not interchangeable. (S needs the full next-token
-    distribution at every completion token, which the chunked log-prob function does not keep.)
+    dpolab's trainer (``use_weighting``) trains with the aligned weight, TRL 1.16's: the log-prob function
+    (``SequenceLogps(..., aligned=True)``) accumulates π − S per sequence inside its chunked LM-head pass and
+    passes that as the log-probs here, with no ``S``.
     """
     s_c = 0.0 if chosen_log_sum_sq_probs is None else chosen_log_sum_sq_probs
     s_r = 0.0 if rejected_log_sum_sq_probs is None else rejected_log_sum_sq_probs

@@ -1,8 +1,9 @@
 """Reference-free paired losses: no reference model is built at all.
 
 They keep the four-tensor paired signature so that the trainer calls every paired loss the same way, but
-never read ``ref_chosen_logps`` / ``ref_rejected_logps``. Their implicit rewards are β·π (β·π/n for the
-length-normalised ones), as TRL 1.16 reports them.
+never read ``ref_chosen_logps`` / ``ref_rejected_logps``. Each but ``sft`` declares ``own_reward``: the
+reward it returns is the one it optimises (SimPO β·π/n, AlphaPO β·r_α, ORPO the log-odds, CPO β·π), and
+that is the reward the metrics report (SPEC §1), as TRL's CPOTrainer does for CPO and SimPO.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-@register("simpo", needs_ref=False, needs_lengths=True, params=("simpo_gamma",), default_beta=2.0,
+@register("simpo", needs_ref=False, needs_lengths=True, own_reward=True, params=("simpo_gamma",), default_beta=2.0,
           trl_name="CPOTrainer loss_type='simpo' with cpo_alpha=0",
           paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward",
           pick_when="Tight memory (no reference model) on paired data; strong on chat benchmarks; needs β ≈ 2.")
@@ -42,7 +43,7 @@ def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen
     return losses, *rewards(beta, m_c, m_r)
 
 
-@register("cpo", needs_ref=False, needs_lengths=True, params=("label_smoothing", "cpo_alpha"),
+@register("cpo", needs_ref=False, needs_lengths=True, own_reward=True, params=("label_smoothing", "cpo_alpha"),
           batch_coupled=True, trl_name="CPOTrainer loss_type='sigmoid'",
           paper="Xu et al. 2024, Contrastive Preference Optimization (CPO)",
           pick_when="Tight memory on paired data where the chosen answers are good references (e.g. "
@@ -64,7 +65,7 @@ def cpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
     return losses, *rewards(beta, policy_chosen_logps, policy_rejected_logps)
 
 
-@register("orpo", needs_ref=False, needs_lengths=True, batch_coupled=True, trl_name="ORPOTrainer",
+@register("orpo", needs_ref=False, needs_lengths=True, own_reward=True, batch_coupled=True, trl_name="ORPOTrainer",
           paper="Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model",
           pick_when="One stage instead of SFT then DPO, with tight memory (no reference): SFT on the chosen "
                     "answers plus an odds-ratio penalty on the rejected.")
@@ -79,12 +80,16 @@ def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
     calls λ ``beta`` (default 0.1) and so does dpolab. Deviation: TRL 1.16 computes the NLL over the prompt
     AND the completion tokens (its labels are every attended token); dpolab, like the paper's L_SFT on the
     response, uses completion tokens only. The two agree when the prompt is a single token.
+
+    Rewards: the log-odds ``log odds(y_c)`` and ``log odds(y_r)``, whose difference is what the odds-ratio
+    term pushes up (TRL 1.16 reports β·π/n instead; the ranking of a pair is the same, the margins differ).
     """
     m_c = _mean_logp(policy_chosen_logps, chosen_lengths).float()
     m_r = _mean_logp(policy_rejected_logps, rejected_lengths).float()
     log_odds = (m_c - m_r) - (log1mexp(m_c) - log1mexp(m_r))
     losses = token_mean_nll(policy_chosen_logps, chosen_lengths) - beta * F.logsigmoid(log_odds).to(m_c.dtype)
-    return losses, *rewards(beta, m_c, m_r)
+    odds_c, odds_r = m_c - log1mexp(m_c), m_r - log1mexp(m_r)  # log odds(y) = log p̄ − log(1 − p̄)
+    return losses, *rewards(1.0, odds_c.to(policy_chosen_logps.dtype), odds_r.to(policy_chosen_logps.dtype))
 
 
 def alphapo_reward(mean_logps: Tensor, alpha: float) -> Tensor:
@@ -94,7 +99,7 @@ def alphapo_reward(mean_logps: Tensor, alpha: float) -> Tensor:
     return -torch.expm1(-alpha * mean_logps) / alpha
 
 
-@register("alphapo", needs_ref=False, needs_lengths=True, params=("simpo_gamma", "alphapo_alpha"),
+@register("alphapo", needs_ref=False, needs_lengths=True, own_reward=True, params=("simpo_gamma", "alphapo_alpha"),
           default_beta=2.0, trl_name="CPOTrainer loss_type='alphapo' (alpha=...)",
           paper="Gupta et al. 2025, AlphaPO: Reward Shape Matters for LLM Alignment",
           pick_when="SimPO with a reshaped reward: α > 0 curbs likelihood displacement (chosen log-probs "

@@ -26,6 +26,9 @@ function needs, so the trainer reads declarations and never branches on a name:
   sorting, a batch KL estimate): gradient accumulation changes the result unless micro-batches are whole.
 - ``row_weights``: row i of ``losses`` belongs to example i, so per-example weights (WPO) may multiply it;
   False where rows are sorted over the batch (``aot``), so row i is a rank, not an example.
+- ``own_reward``: the loss optimises a reward of its own (SimPO's β·π/n, AlphaPO's shaped reward, ORPO's
+  log-odds, CPO's β·π), returned as its second and third outputs; the metrics report it instead of β·h
+  (SPEC §1). With several losses, the first listed loss that declares one sets the reported reward.
 - ``label_advice``: for unpaired losses, ``(n_desirable, n_undesirable, **params) → str | None``, a warning
   when the label balance makes the loss's parameters a poor fit (KTO's weights), given at setup.
 - ``paper``, ``trl_name`` (the TRL 1.16 trainer/loss with the same formula, if any), ``default_beta`` (the
@@ -60,6 +63,7 @@ class Loss:
     f_divergence: bool = False
     batch_coupled: bool = False
     row_weights: bool = True
+    own_reward: bool = False
     label_advice: Callable[..., str | None] | None = None
     paper: str = ""
     trl_name: str | None = None  # the TRL 1.16 trainer/loss computing the same formula, if any
