@@ -48,6 +48,9 @@ class Config:
     exo_epsilon: float = opt(1e-3, "EXO's ε in (0, 1) (exo_pair).")
     discopop_tau: float = opt(0.05, "DiscoPOP's temperature τ (discopop).")
     rdpo_alpha: float = opt(0.01, "R-DPO's length penalty α per token of n_c − n_r (rdpo).")
+    odpo_alpha: float = opt(1.0, "ODPO's offset scale α: the offset is α·f(score_chosen − score_rejected) (odpo).")
+    odpo_transform: str = opt("log", "ODPO's f of the score gap: log (the paper's; every gap must be > 0) or "
+                                     "identity (gaps ≥ 0) (odpo).", choices=("log", "identity"))
     dpop_lambda: float = opt(50.0, "DPO-Positive's penalty weight λ (dpop).")
     simpo_gamma: float = opt(1.0, "Target reward margin γ (simpo, alphapo).")
     alphapo_alpha: float = opt(0.25, "AlphaPO's reward-shape α; 0 gives SimPO (alphapo).")
@@ -61,9 +64,9 @@ class Config:
     f_divergence_type: str = opt("reverse_kl", "f-DPO: the divergence to the reference (reverse_kl is DPO).",
                                  choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
     f_alpha_divergence_coef: float = opt(0.5, "α of the alpha_divergence.")
-    use_weighting: bool = opt(False, "WPO: weight each pair's loss by exp(π_c/n_c)·exp(π_r/n_r), the policy's "
-                                     "geometric-mean token probability of each answer (the paper's plain weight). "
-                                     "Not TRL 1.16's use_weighting, which divides by the per-token Σ_v p² first.")
+    use_weighting: bool = opt(False, "WPO: weight each pair's loss by exp(ā_c)·exp(ā_r), ā the policy's mean "
+                                     "per-token log-prob aligned by log Σ_v p(v)² (the paper's eq. 2, as TRL 1.16's "
+                                     "use_weighting).")
     ld_alpha: float | None = opt(None, "LD-DPO: scale log-probs of completion tokens beyond the shorter "
                                        "answer's length by α in [0, 1].")
     sync_ref_model: bool = opt(False, "TR-DPO: move the reference towards the policy every "

@@ -42,17 +42,29 @@ Notation: `π_c`, `π_r` are the policy's summed log-probs of the chosen and rej
 | chosen answers keep losing likelihood during DPO | `dpop`, `cal_dpo`, `nca_pair`, or `sigmoid,sft` (RPO) |
 | DPO makes answers longer | `rdpo`, `sigmoid_norm`, or `ld_alpha` |
 | rankings of K > 2 answers per prompt | `plackett_luce` |
-| graded scores on pairs | `odpo` with a `margin` column |
+| graded scores on pairs (`score_chosen`, `score_rejected`, or `margin`: the score gap) | `odpo` or `rebel` |
 
 A reference loss can run reference-free (`reference_free`): its reference log-probs are then zero.
+
+β, the KL strength: the DPO optimum is `π* ∝ π_ref·exp(r/β)`, so as β → ∞ it tends to the reference and as
+β → 0 to the single best answer. The gradient at π = π_ref does not vanish for large β: `∂L/∂Δ = −β·σ(−βΔ)`
+is `−β/2` at Δ = 0, so a large β takes large first steps towards a nearby optimum (and the push stops once
+βΔ ≫ 1), a small β pushes weakly towards a far one (`tests/test_losses_properties.py::test_dpo_beta_limits`).
+IPO's target `1/(2β)` is per token: its Δ̄ is a difference of mean per-token log-ratios.
+
+Each loss's docstring below gives its equation, its paper and every deviation from the paper (or from TRL
+1.16 where TRL implements it), and the "pinned by" line names the independent check that fixes its value:
+TRL's own loss code run on the same inputs, a closed form or an optimum from the paper's argument, or a
+hand-worked number (the table at the end lists them all).
 
 A setting that none of the selected losses or modifiers reads (a `params` entry of another loss, `use_weighting`
 with unpaired or ranked data or with a loss that sorts rows over the batch, `bco_running_delta` without a
 running δ, `f_divergence_type` with reference-free losses, ...) is refused when it differs from its default,
 never silently ignored (`dpolab.losses.unused_settings`, from the declarations below).
 
-`use_weighting` (WPO) is the paper's plain weight `exp(π_c/n_c)·exp(π_r/n_r)`, not TRL 1.16's
-`use_weighting`, which aligns each token's probability by `Σ_v p²` first (see `wpo_weights` below).
+`use_weighting` (WPO) is the paper's aligned weight `exp(ā_c)·exp(ā_r)` (eq. 2), as TRL 1.16's
+`use_weighting`: ā is the mean per-token log-prob aligned by `log Σ_v p²`, accumulated inside the chunked
+LM-head pass (see `wpo_weights` below).
 
 ## Declarations
 
@@ -70,6 +82,52 @@ TYPICAL_BETA = {
     "cpo": "0.1",
     "orpo": "β is ORPO's λ, the weight of the odds-ratio term; 0.1",
     "kto": "0.1",
+    "rebel": "1 (the authors' η = 1/β = 1); βΔ is regressed onto the raw score gap, so scale β with the scores",
+}
+
+TRL = "tests/test_losses_trl.py"
+OPTIMUM = "tests/test_losses_optimum.py"
+PROPERTIES = "tests/test_losses_properties.py"
+HAND = "tests/test_losses.py"
+_TRL_DPO = ("TRL 1.16's DPOTrainer loss code on the same log-probs (value and gradient)",
+            f"{TRL}::test_dpo_trainer_losses")
+
+# loss → the independent checks that pin it: (what it is checked against, "file::test"). Each named test must
+# exist (tests/test_losses_docs.py), and every registry loss needs an entry.
+CHECKS: dict[str, list[tuple[str, str]]] = {
+    "sigmoid": [_TRL_DPO, ("the closed-form gradient −β·σ(−βΔ)", f"{HAND}::test_dpo_gradient_closed_form"),
+                ("optimisation: the tabular optimum π_ref·exp(r/β)/Z",
+                 f"{OPTIMUM}::test_dpo_population_minimiser_is_the_closed_form"),
+                ("optimisation: cDPO (ε > 0) stops at βΔ = log((1−ε)/ε)",
+                 f"{OPTIMUM}::test_cdpo_optimum_stops_at_log_odds_of_the_label_noise"),
+                ("calculus: the β limits (gradient −β/2 at π_ref)", f"{PROPERTIES}::test_dpo_beta_limits")],
+    **{n: [_TRL_DPO] for n in ("robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+                               "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft")},
+    "odpo": [("optimisation against the calculus root: the optimum margin exceeds the offset and DPO's",
+              f"{PROPERTIES}::test_odpo_optimum_margin_exceeds_the_offset_and_dpos"),
+             ("hand-worked values and the refusal of gaps log cannot take", f"{HAND}::test_odpo_hand")],
+    "rdpo": [("optimisation: the tabular optimum prefers the shorter answer by exp(−α·Δn/β)",
+              f"{OPTIMUM}::test_rdpo_tabular_optimum_prefers_the_shorter_answer"),
+             ("hand-worked values", f"{HAND}::test_rdpo_hand"),
+             ("policy = reference with n_c ≠ n_r", f"{HAND}::test_value_when_policy_equals_reference")],
+    "dpop": [("optimisation along training: the chosen log-prob stays above the reference's where DPO's falls",
+              f"{PROPERTIES}::test_dpop_keeps_the_chosen_log_prob_above_the_reference_where_dpo_lets_it_fall")],
+    "cal_dpo": [("calculus and optimisation: the optimum h_c = −h_r = 1/(2β) + σ(−Δ)/2",
+                 f"{PROPERTIES}::test_cal_dpo_optimum_by_calculus")],
+    "rebel": [("optimisation: least squares regresses βΔ onto the score gap, optimum π_ref·exp(r/β)/Z",
+               f"{OPTIMUM}::test_rebel_tabular_optimum_regresses_the_margin_onto_the_score_gap"),
+              ("hand-worked values and gradient", f"{HAND}::test_rebel_hand")],
+    "plackett_luce": [("optimisation over all 6 rankings of K = 3: the optimum π_ref·exp(r/β)/Z",
+                       f"{OPTIMUM}::test_plackett_luce_k3_population_minimiser_is_the_closed_form"),
+                      ("K = 2 equals sigmoid", f"{HAND}::test_plackett_luce_with_two_equals_sigmoid")],
+    "simpo": [("TRL 1.16's CPOTrainer loss code (value and gradient)", f"{TRL}::test_cpo_trainer_losses")],
+    "cpo": [("TRL 1.16's CPOTrainer loss code (value and gradient)", f"{TRL}::test_cpo_trainer_losses")],
+    "alphapo": [("TRL 1.16's CPOTrainer loss code (value and gradient)", f"{TRL}::test_cpo_trainer_losses")],
+    "orpo": [("TRL 1.16's ORPOTrainer loss code (value and gradient)",
+              f"{TRL}::test_orpo_matches_trl_with_one_token_prompts")],
+    "kto": [("TRL 1.16's KTOTrainer loss code (value and gradient)", f"{TRL}::test_kto_matches_trl")],
+    "bco": [("calculus and optimisation: a calibrated classifier with its boundary at βh = δ",
+             f"{PROPERTIES}::test_bco_is_a_calibrated_classifier_with_its_boundary_at_delta")],
 }
 
 
@@ -98,6 +156,7 @@ def _section(loss: L.Loss) -> str:
         f"- typical β: {TYPICAL_BETA.get(loss.name, f'{loss.default_beta or 0.1} (the default)')}",
         f"- pick it when: {loss.pick_when}",
         f"- TRL 1.16: {loss.trl_name or 'not implemented'}",
+        f"- pinned by: {'; '.join(f'{what} (`{test}`)' for what, test in CHECKS.get(loss.name, []))}",
         "",
         "```text",
         loss.doc,
@@ -119,6 +178,9 @@ def render() -> str:
     for title, data, needs_ref in families:
         parts += [f"## {title}", ""]
         parts += [_section(loss) for loss in L.LOSSES.values() if loss.data == data and loss.needs_ref == needs_ref]
+    parts += ["## What pins each loss", "", "| loss | independent check | test |", "|---|---|---|"]
+    parts += [f"| `{name}` | {what} | `{test}` |" for name in L.LOSSES for what, test in CHECKS.get(name, [])]
+    parts.append("")
     parts += ["## Modifiers", "",
               "Pure functions the trainer applies around the losses (`from dpolab.losses import ...`).", ""]
     for fn in MODIFIERS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -16,8 +17,8 @@ from dpolab.losses import LOSSES, MODIFIER_SETTINGS, Loss
 
 # A valid non-default value for every hyper-parameter some loss declares.
 NON_DEFAULT = {"label_smoothing": 0.1, "exo_epsilon": 0.01, "discopop_tau": 0.1, "rdpo_alpha": 0.02,
-               "dpop_lambda": 10.0, "simpo_gamma": 0.5, "alphapo_alpha": 0.1, "cpo_alpha": 0.5,
-               "desirable_weight": 2.0, "undesirable_weight": 2.0}
+               "odpo_alpha": 0.5, "odpo_transform": "identity", "dpop_lambda": 10.0, "simpo_gamma": 0.5,
+               "alphapo_alpha": 0.1, "cpo_alpha": 0.5, "desirable_weight": 2.0, "undesirable_weight": 2.0}
 
 
 def config(**settings):
@@ -29,6 +30,19 @@ def test_every_declared_param_has_a_test_value():
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
+def test_config_defaults_are_the_loss_signature_defaults(name):
+    """A loss setting is a config field and a keyword of the function: both must default to the same value,
+    or a run (config default) and a direct call (signature default) would compute different losses."""
+    from dpolab.config import _fields
+
+    fields = _fields()
+    for param, default in LOSSES[name].param_defaults.items():
+        assert param in fields, f"{name} declares {param}, which is not a config field"
+        assert fields[param].default == default and type(fields[param].default) is type(default), \
+            (name, param, fields[param].default, default)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_accepts_its_defaults_and_refuses_the_params_of_others(name):
     config(loss=name)  # defaults: nothing to refuse
     loss = LOSSES[name]
@@ -36,7 +50,8 @@ def test_every_loss_accepts_its_defaults_and_refuses_the_params_of_others(name):
         if param in loss.params:
             assert getattr(config(loss=name, **{param: value}), param) == value
         else:
-            with pytest.raises(dpolab.ConfigError, match=rf"{param} = {value} has no effect with --loss {name}"):
+            message = f"{param} = {value!r} has no effect with --loss {name}"
+            with pytest.raises(dpolab.ConfigError, match=re.escape(message)):
                 config(loss=name, **{param: value})
 
 

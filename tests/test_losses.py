@@ -130,13 +130,39 @@ def test_discopop_hand():
 
 
 def test_odpo_hand():
-    """m = 0.5: −logσ(2 − 0.5) = log(1 + e^{−1.5}) = 0.201413."""
-    close(paired("odpo", margin=t(0.5)), 0.201413)
+    """The margin column is the score gap s_c − s_r. Gap 2, α = 0.5, f = log: offset 0.5·log 2 = log √2 =
+    0.346574; −logσ(2 − 0.346574) = log(1 + e^{−2}·√2 = 1 + 0.135335·1.414214 = 1.191393) = 0.175123.
+    f = identity, gap 1, α = 0.5: offset 0.5; −logσ(1.5) = log(1 + e^{−1.5} = 1.223130) = 0.201413.
+    log of a gap ≤ 0 is undefined (a tie, or a pair whose rejected answer scored higher) and identity of a
+    negative gap contradicts the label: both are refused, naming the value."""
+    close(paired("odpo", margin=t(2.0), odpo_alpha=0.5), 0.175123)
+    close(paired("odpo", margin=t(1.0), odpo_alpha=0.5, odpo_transform="identity"), 0.201413)
+    close(paired("odpo", margin=t(0.0), odpo_transform="identity"), 0.126928)  # a zero offset is DPO
+    with pytest.raises(ValueError, match=r"odpo_transform='log' needs a score gap .*> 0 in every row, got 0.0"):
+        paired("odpo", margin=t(1.0, 0.0))
+    with pytest.raises(ValueError, match=r"needs a score gap .*>= 0 in every row, got -0.5"):
+        paired("odpo", margin=t(-0.5), odpo_transform="identity")
+    with pytest.raises(ValueError, match="odpo_transform must be one of log, identity"):
+        paired("odpo", margin=t(1.0), odpo_transform="sqrt")
 
 
 def test_rdpo_hand():
-    """α = 0.1, n_c − n_r = −2: −logσ(2 + 0.2) = log(1 + e^{−2.2} = 1.110803) = 0.105083."""
-    close(paired("rdpo", rdpo_alpha=0.1), 0.105083)
+    """α = 0.1, n_c − n_r = 2 − 4 = −2. Park et al. put +α·(|y_w| − |y_l|) inside the sigmoid, so the shorter
+    chosen answer here needs MORE margin: −logσ(2 + 0.1·(−2)) = −logσ(1.8) = log(1 + e^{−1.8} = 1.165299)
+    = 0.152978. (The reversed sign gave −logσ(2.2) = 0.105083.) Swapping the lengths (chosen longer,
+    n_c − n_r = +2) gives −logσ(2.2) = log(1 + e^{−2.2} = 1.110803) = 0.105083."""
+    close(paired("rdpo", rdpo_alpha=0.1), 0.152978)
+    close(paired("rdpo", rdpo_alpha=0.1, nc=NR, nr=NC), 0.105083)
+
+
+def test_rebel_hand():
+    """The margin column is the score gap. β = 1, gap 1.5: (1·2 − 1.5)² = 0.25. β = 0.25, gap −1 (the pair
+    in the other order): (0.25·2 + 1)² = 1.5² = 2.25. The gradient: ∂L/∂π_c = 2β(βΔ − gap) = 2·0.5 = 1."""
+    close(paired("rebel", margin=t(1.5)), 0.25)
+    close(paired("rebel", beta=0.25, margin=t(-1.0)), 2.25)
+    pc = PC.clone().requires_grad_(True)
+    paired("rebel", pc=pc, margin=t(1.5)).sum().backward()
+    close(pc.grad, 1.0)
 
 
 def test_dpop_hand():
@@ -215,21 +241,31 @@ def test_bco_hand():
 AT_REFERENCE = {
     "sigmoid": LN2, "robust": LN2, "sigmoid_norm": LN2, "aot": LN2, "aot_unpaired": LN2, "hinge": 1.0,
     "ipo": 25.0, "nca_pair": 2 * LN2, "bco_pair": 2 * LN2, "sppo_hard": 50.0, "apo_zero": 1.0, "apo_down": 1.0,
-    "discopop": 0.8466, "exo_pair": 2.7612, "odpo": LN2, "rdpo": LN2, "dpop": LN2,
+    "discopop": 0.8466, "exo_pair": 2.7612, "dpop": LN2,
     "cal_dpo": LN2 + 50.0,  # ln 2 + (0 − 5)² + (0 + 5)²
+    # odpo, score gaps (1, e, 1), α = 1, log: offsets (0, 1, 0); −logσ(−1) = log(1 + e) = 1.313262
+    "odpo": (LN2, 1.313262, LN2),
+    # rdpo, α = 0.01, n_c − n_r = (−3, 3, 0): −logσ(x) = log(1 + e^{−x}) = ln 2 − x/2 + x²/8 − O(x⁴) at
+    # x = α(n_c − n_r) = (−0.03, 0.03, 0): ln 2 + 0.015 + 0.0001125, ln 2 − 0.015 + 0.0001125, ln 2
+    "rdpo": (0.708260, 0.678260, LN2),
+    "rebel": (4.0, 0.25, 0.0),  # (0 − gap)², score gaps (2, −0.5, 0)
 }
+AT_REFERENCE_COLUMNS = {"odpo": t(1.0, math.e, 1.0), "rebel": t(2.0, -0.5, 0.0)}
 
 
 @pytest.mark.parametrize("name", sorted(AT_REFERENCE))
 def test_value_when_policy_equals_reference(name):
-    """h_c = h_r = 0 for three pairs of different lengths (n_c = n_r, so rdpo's length term is 0 too)."""
+    """h_c = h_r = 0 for three pairs with n_c ≠ n_r in two of them (n_c − n_r = −3, 3, 0): a loss whose
+    constant changed with the lengths (rdpo's length term) must say so here, with its hand-derived value."""
     g = torch.Generator().manual_seed(0)
     logps = -5 * torch.rand(3, generator=g, dtype=torch.float64)
-    n = t(3.0, 5.0, 8.0)
-    kw = {"margin": torch.zeros(3, dtype=torch.float64)} if name == "odpo" else {}
-    losses = paired(name, beta=0.1, pc=logps, pr=logps - 1, rc=logps, rr=logps - 1, nc=n, nr=n, **kw)
-    tol = 1e-4 if name in ("discopop", "exo_pair") else 1e-9
-    torch.testing.assert_close(losses, torch.full_like(losses, AT_REFERENCE[name]), atol=tol, rtol=0)
+    nc, nr = t(3.0, 5.0, 8.0), t(6.0, 2.0, 8.0)
+    kw = {"margin": AT_REFERENCE_COLUMNS[name]} if name in AT_REFERENCE_COLUMNS else {}
+    losses = paired(name, beta=0.1, pc=logps, pr=logps - 1, rc=logps, rr=logps - 1, nc=nc, nr=nr, **kw)
+    tol = 1e-4 if name in ("discopop", "exo_pair") else 1e-6 if name in ("odpo", "rdpo") else 1e-9
+    expected = AT_REFERENCE[name]
+    expected = t(*expected) if isinstance(expected, tuple) else torch.full_like(losses, expected)
+    torch.testing.assert_close(losses, expected, atol=tol, rtol=0)
 
 
 def test_ranked_and_unpaired_at_reference():
@@ -279,7 +315,8 @@ GRADIENT_CASES = {
     **{n: (ZERO, -1, +1) for n in ("sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair",
                                     "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
                                     "rdpo", "dpop", "cal_dpo", "simpo", "cpo", "orpo", "alphapo")},
-    "odpo": (dict(ZERO, margin=t(0.3)), -1, +1),
+    "odpo": (dict(ZERO, margin=t(2.0)), -1, +1),
+    "rebel": (dict(ZERO, margin=t(2.0)), -1, +1),  # βΔ = 0 below the gap 2: widen the margin
     # APO-down lowers both: at h_c = 0, h_r = −20 (|h_c| < |Δ|) descent lowers the chosen too.
     "apo_down": (dict(ZERO, pr=t(-24.0)), +1, +1),
     "sft": (ZERO, -1, 0),
@@ -343,9 +380,10 @@ def test_plackett_luce_is_stable_for_large_logits():
 
 # --- the registry contract ------------------------------------------------------------------------------------
 
+# SPEC §2's losses, plus rebel (issue 12; not yet in SPEC's table)
 SPEC_NAMES = {"sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "odpo", "rdpo", "dpop", "cal_dpo",
-              "alphapo", "plackett_luce", "simpo", "cpo", "orpo", "kto", "bco", "sft"}
+              "rebel", "alphapo", "plackett_luce", "simpo", "cpo", "orpo", "kto", "bco", "sft"}
 
 
 def test_registry_holds_every_spec_loss_with_a_declaration():

@@ -22,7 +22,7 @@ from tests.conftest import preference_rows, write_jsonl
 AT_REFERENCE = {"sigmoid": math.log(2), "robust": math.log(2), "sigmoid_norm": math.log(2), "aot": math.log(2),
                 "aot_unpaired": math.log(2), "hinge": 1.0, "ipo": 25.0, "nca_pair": 2 * math.log(2),
                 "bco_pair": 2 * math.log(2), "sppo_hard": 50.0, "apo_zero": 1.0, "apo_down": 1.0,
-                "discopop": 0.8466, "exo_pair": 2.7612, "rdpo": None, "odpo": None, "dpop": math.log(2),
+                "discopop": 0.8466, "exo_pair": 2.7612, "rdpo": None, "odpo": None, "rebel": None, "dpop": math.log(2),
                 "cal_dpo": math.log(2) + 2 * 25.0, "plackett_luce": math.log(6),  # K = 3: −log(1/3) − log(1/2)
                 "kto": 0.5, "bco": math.log(2)}
 
@@ -63,6 +63,17 @@ def test_every_loss_trains_through_the_command_line(name, tiny_model, datasets, 
         assert steps[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert steps[-1]["loss"] != steps[0]["loss"]  # the weights moved the loss
     assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in LOSSES if "margin" in LOSSES[n].columns))
+def test_losses_reading_the_score_gap_refuse_data_without_scores(name, tiny_model, datasets, tmp_path, capsys):
+    """odpo and rebel read the score gap (margin, or score_chosen − score_rejected): rows without one are
+    refused before training, naming the row, the loss and the columns it needs."""
+    code = cli.main(["train", "--model", str(tiny_model), "--data", str(datasets["paired"]), "--loss", name,
+                     "--output-dir", str(tmp_path / "o"), "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"line 1: loss {name} needs a 'margin' (or score_chosen and score_rejected) column" in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
 def test_kto_on_pairs_needs_unpair_and_then_trains(tiny_model, datasets, tmp_path):

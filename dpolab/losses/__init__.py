@@ -14,7 +14,7 @@ reference's, ``h = π − ref`` the log-ratios, ``Δ = h_c − h_r`` and ``Δ̄ 
 """
 
 from dpolab.losses.registry import LOSSES, Loss, LossOutput, get_loss, register, token_mean_nll  # noqa: I001
-from dpolab.losses import paired, ranked, reference_free, unpaired  # noqa: F401  (they register their losses)
+from dpolab.losses import paired, margins, ranked, reference_free, unpaired  # noqa: F401  (they register their losses)
 from dpolab.losses.modifiers import (
     F_DIVERGENCES,
     MODIFIER_SETTINGS,

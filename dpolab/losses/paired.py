@@ -2,7 +2,9 @@
 
 Notation (SPEC §1): ``π_c, π_r`` summed completion log-probs of the policy, ``ref_c, ref_r`` of the
 reference, ``h = π − ref``, ``Δ = h_c − h_r``, ``Δ̄ = h_c/n_c − h_r/n_r``. Every tensor is (B,).
-A reference-free run of any of these passes ``ref_c = ref_r = 0``.
+A reference-free run of any of these passes ``ref_c = ref_r = 0``. The losses that also read a score gap,
+the lengths in the margin, or absolute targets (odpo, rdpo, dpop, cal_dpo, rebel) are in
+:mod:`dpolab.losses.margins`.
 """
 
 from __future__ import annotations
@@ -33,8 +35,14 @@ def sigmoid(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chos
     ``L = −(1−ε)·logσ(βΔ) − ε·logσ(−βΔ)``.
 
     Rafailov et al. 2023, eq. 7; cDPO from the authors' note on noisy labels (ε = assumed flip rate).
+    With ε > 0 a pair's optimum is finite: ``βΔ* = log((1−ε)/ε)`` (ε = 0.1: 2.197) instead of +∞.
     TRL 1.16: same formula at ε = 0, but TRL's ``sigmoid`` silently ignores ``label_smoothing``; dpolab
     honours it (cDPO).
+
+    The β limits: the optimum ``π* ∝ π_ref·exp(r/β)`` tends to π_ref as β → ∞ and to the best answer as
+    β → 0, but the gradient at π = π_ref does not vanish for large β: ``∂L/∂Δ = −β·σ(−βΔ)`` is −β/2 at
+    Δ = 0, so a large β takes large first steps towards a nearby optimum (and saturates once βΔ ≫ 1);
+    a small β pushes weakly (−β/2) towards a far one.
     """
     h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * (h_c - h_r)  # (B,)
@@ -80,13 +88,15 @@ def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen
 @register("ipo", needs_lengths=True, trl_name="DPOTrainer loss_type='ipo'", f_divergence=True,
           paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences",
           pick_when="Small data (a few hundred pairs) or near-deterministic preferences, where DPO "
-                    "over-fits: IPO regresses the margin to a finite target 1/(2β).")
+                    "over-fits: IPO regresses the per-token margin Δ̄ to a finite target 1/(2β).")
 def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
         ref_rejected_logps: Tensor, *, beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor) -> LossOutput:
     """IPO: ``L = (Δ̄ − 1/(2β))²`` with the per-token ``Δ̄ = h_c/n_c − h_r/n_r``; β plays the paper's τ.
 
-    Azar et al. 2023, eq. 17. The per-token normalisation is not in the paper's equation; the authors
-    confirmed to TRL that their results use it. TRL 1.16: same (lengths clamped to ≥ 1).
+    The target 1/(2β) is per token: the optimum puts the difference of the MEAN per-token log-ratios at
+    1/(2β) (β = 0.1: 5 nats per token), not the summed Δ. Azar et al. 2023, eq. 17. Deviation: the per-token
+    normalisation is not in the paper's equation (there Δ is summed and the target 1/(2τ) is per sequence);
+    the authors confirmed to TRL that their results use it. TRL 1.16: same (lengths clamped to ≥ 1).
     """
     h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     delta_bar = _per_token(h_c, chosen_lengths) - _per_token(h_r, rejected_lengths)
@@ -260,70 +270,4 @@ def discopop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     z = beta * (h_c - h_r)
     m = torch.sigmoid(z / discopop_tau)
     losses = (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
-    return losses, *rewards(beta, h_c, h_r)
-
-
-@register("odpo", columns=("margin",), f_divergence=True,
-          paper="Amini et al. 2024, Direct Preference Optimization with an Offset (ODPO)",
-          pick_when="Pairs with graded scores: demand a larger margin where the score gap is larger "
-                    "(margin column, e.g. α·log of the score gap).")
-def odpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-         ref_rejected_logps: Tensor, *, beta: float, margin: Tensor) -> LossOutput:
-    """ODPO: ``L = −logσ(βΔ − m)``, m ≥ 0 a per-example offset from the ``margin`` data column.
-
-    Amini et al. 2024 (the paper sets m = α·log(score gap); dpolab takes m as given, so any scaling
-    is done in the data). Not in TRL 1.16.
-    """
-    h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    margin = margin.to(h_c.dtype).detach()
-    return -F.logsigmoid(beta * (h_c - h_r) - margin), *rewards(beta, h_c, h_r)
-
-
-@register("rdpo", needs_lengths=True, params=("rdpo_alpha",), f_divergence=True,
-          paper="Park et al. 2024, Disentangling Length from Quality in Direct Preference Optimization (R-DPO)",
-          pick_when="DPO is making answers longer: penalise the margin by α per extra chosen token.")
-def rdpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-         ref_rejected_logps: Tensor, *, beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor,
-         rdpo_alpha: float = 0.01) -> LossOutput:
-    """Length-regularised DPO: ``L = −logσ(βΔ − α·(n_c − n_r))`` (α = ``rdpo_alpha``).
-
-    Park et al. 2024 (their regulariser α·(|y_w| − |y_l|) inside the sigmoid). The default 0.01 is a
-    starting point; the paper tunes α per model. Not in TRL 1.16.
-    """
-    h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    length_gap = (chosen_lengths - rejected_lengths).to(h_c.dtype)
-    return -F.logsigmoid(beta * (h_c - h_r) - rdpo_alpha * length_gap), *rewards(beta, h_c, h_r)
-
-
-@register("dpop", params=("dpop_lambda",),
-          paper="Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive",
-          pick_when="Pairs that differ by few tokens (maths, edits), where DPO lowers the chosen likelihood.")
-def dpop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-         ref_rejected_logps: Tensor, *, beta: float, dpop_lambda: float = 50.0) -> LossOutput:
-    """DPO-Positive: ``L = −logσ(β·(Δ − λ·max(0, ref_c − π_c)))`` (λ = ``dpop_lambda``, 50 in the paper).
-
-    Pal et al. 2024: the penalty is active only while the policy's chosen log-prob is below the
-    reference's. Not in TRL 1.16.
-    """
-    h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    penalty = torch.relu(ref_chosen_logps - policy_chosen_logps)  # max(0, −h_c)
-    return -F.logsigmoid(beta * (h_c - h_r - dpop_lambda * penalty)), *rewards(beta, h_c, h_r)
-
-
-@register("cal_dpo",
-          paper="Xiao et al. 2024, Cal-DPO: Calibrated Direct Preference Optimization for Language Model Alignment",
-          pick_when="Keep implicit rewards on an absolute scale (chosen up, rejected down), e.g. for reasoning "
-                    "data where DPO lets both likelihoods fall.")
-def cal_dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-            ref_rejected_logps: Tensor, *, beta: float) -> LossOutput:
-    """Cal-DPO: ``L = −logσ(h_c − h_r) + (h_c − 1/(2β))² + (h_r + 1/(2β))²``.
-
-    Xiao et al. 2024: the contrastive term carries no β; β only sets the calibration targets
-    ±1/(2β) (the log-ratios of rewards ±½ at temperature β). Deviation: the authors' released code weights
-    the calibration term by ½ (and averages it over the batch); dpolab follows the paper's equation. Not in
-    TRL 1.16.
-    """
-    h_c, h_r = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    target = 1 / (2 * beta)
-    losses = -F.logsigmoid(h_c - h_r) + (h_c - target) ** 2 + (h_r + target) ** 2
     return losses, *rewards(beta, h_c, h_r)
