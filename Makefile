@@ -18,7 +18,7 @@ $(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(DEV_STAMP)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(DEV_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# The inner loop: every test but those marked slow (whole runs in subprocesses, two-process launches).
+test-fast: $(DEV_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

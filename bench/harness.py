@@ -16,7 +16,7 @@ What a run measures (the same for both frameworks):
 - ``peak_rss_mb``: the process's resident-set high-water mark.
 
 Both frameworks see the same examples in the same order: the data file is written in dpolab's epoch order
-(:func:`dpolab.training.step_examples`) for TRL, which reads it with ``train_sampling_strategy=
+(:func:`dpolab.training.step.step_examples`) for TRL, which reads it with ``train_sampling_strategy=
 "sequential"``; and the same token ids (checked: :func:`check_same_tokens`).
 """
 
@@ -85,7 +85,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def epoch_order(n: int, batch_size: int, seed: int) -> list[int]:
     """The dataset indices dpolab trains on in its first epoch, in order."""
-    from dpolab.training import step_examples
+    from dpolab.training.step import step_examples
 
     return [i for step in range(n // batch_size) for i in step_examples(n, step, batch_size, seed)]
 
@@ -148,9 +148,9 @@ def token_digest(triples) -> str:
 
 def dpolab_tokens(ds: dict, path: str) -> str:
     """The digest of dpolab's tokenisation of the rows of ``path``."""
-    from dpolab.data import load_records
-    from dpolab.setup import load_tokenizer
-    from dpolab.tokenization import tokenize_records
+    from dpolab.data.reading import load_records
+    from dpolab.data.tokenization import tokenize_records
+    from dpolab.models.loading import load_tokenizer
 
     examples = tokenize_records(load_records(path), load_tokenizer(ds["model"]), ds["max_length"],
                                 ds["max_prompt_length"])
@@ -167,7 +167,7 @@ def run_dpolab(spec: dict) -> dict:
 
     threads(spec)
     import dpolab
-    import dpolab.training as T
+    import dpolab.training.loop as T
 
     ds, marks, losses, work = spec["dataset"], [], [], []
     inner = T.train_step

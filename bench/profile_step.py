@@ -3,7 +3,7 @@ the steps after the first five), on a benchmark dataset.
 
     python bench/profile_step.py --dataset bundled --threads 2
 
-dpolab: the parts of :func:`dpolab.training.train_step` run one by one on the same batches (collate in the
+dpolab: the parts of :func:`dpolab.training.step.train_step` run one by one on the same batches (collate in the
 layout, policy forward, reference forward, loss, backward, clipping, AdamW). TRL 1.16: its ``DPOTrainer`` as
 bench/harness.py runs it, timed by wrapping the reference model's ``forward``, ``compute_loss`` (policy and
 reference forward, loss) and ``training_step`` (the rest of it is the backward), with the optimizer step
@@ -28,20 +28,20 @@ import harness as H  # noqa: E402
 def dpolab_parts(ds: dict, layout: str, precompute: bool, steps: int) -> dict[str, list[float]]:
     import torch
 
-    from dpolab.batch import make_batch
     from dpolab.config import Config
-    from dpolab.data import load_records
-    from dpolab.logps import SequenceLogps
+    from dpolab.data.batch import make_batch
+    from dpolab.data.reading import load_records
+    from dpolab.data.tokenization import tokenize_records
+    from dpolab.models.loading import load_model, load_tokenizer
+    from dpolab.models.logps import SequenceLogps
+    from dpolab.models.reference import ModelReference
     from dpolab.objective import build_objective
-    from dpolab.reference import ModelReference
-    from dpolab.setup import load_model, load_tokenizer
-    from dpolab.tokenization import tokenize_records
 
     tok, model = load_tokenizer(ds["model"]), load_model(ds["model"])
     examples = tokenize_records(load_records(ds["trl_data"]), tok, ds["max_length"], ds["max_prompt_length"])
     policy, reference = SequenceLogps(model), ModelReference(copy.deepcopy(model))
     objective = build_objective(["sigmoid"], None, ds["beta"], vars(Config()))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ds["learning_rate"], fused=True)  # as dpolab.training
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ds["learning_rate"], fused=True)  # as dpolab.training.loop
     B, parts = ds["batch_size"], defaultdict(list)
     for step in range(min(steps, len(examples) // B)):
         t = t0 = time.perf_counter()
@@ -72,11 +72,12 @@ def dpolab_parts(ds: dict, layout: str, precompute: bool, steps: int) -> dict[st
 
 
 def trl_parts(ds: dict, precompute: bool) -> dict[str, list[float]]:
+    import json
+    import tempfile
+
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
-    import json
-    import tempfile
 
     ev: dict[str, list[float]] = defaultdict(list)
 

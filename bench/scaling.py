@@ -47,12 +47,12 @@ def measure(method: str, length: int, vocab: int, steps: int = 3, seed: int = 0)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpolab.batch import make_batch
     from dpolab.config import Config
-    from dpolab.logps import SequenceLogps
+    from dpolab.data.batch import make_batch
+    from dpolab.data.records import Example
+    from dpolab.models.logps import SequenceLogps
+    from dpolab.models.reference import ModelReference
     from dpolab.objective import build_objective
-    from dpolab.reference import ModelReference
-    from dpolab.tokenization import Example
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -64,7 +64,7 @@ def measure(method: str, length: int, vocab: int, steps: int = 3, seed: int = 0)
     ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
     examples = [Example(i, ids(prompt), [ids(completion), ids(completion)]) for i in range(PAIRS)]
     objective = build_objective(["sigmoid"], None, 0.1, vars(Config()))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as dpolab.training
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as dpolab.training.loop
     reference_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     if method == "full logits":

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
-from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, LAYOUTS
+from dpolab.data.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, LAYOUTS
 from dpolab.errors import ConfigError
+from dpolab.losses import LOSSES
+from dpolab.objective import unused_settings
 
 
 def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -24,7 +25,8 @@ class Config:
     # --- what to train
     model: str | None = opt(None, "Policy to train: a Hugging Face model folder or hub name. "
                                   "Unset: the bundled tiny model (the embedded default).")
-    ref_model: str | None = opt(None, "Frozen reference model. Unset: a frozen copy of the initial policy.")
+    ref_model: str | None = opt(None, "Frozen reference model. Unset: in training a frozen copy of the initial "
+                                      "policy; elsewhere the reference a dpolab final/ folder records.")
     data: str | None = opt(None, "Preference data: a .jsonl/.json/.csv/.parquet file, a saved dataset folder, "
                                  "or a hub dataset name (name or name:split). Unset: the bundled dataset.")
     eval_data: str | None = opt(None, "Held-out preference data, in any form --data takes.")
@@ -142,90 +144,32 @@ class Config:
     progress: bool = opt(True, "Show a progress bar.")
     max_nonfinite_steps: int = opt(3, "Stop after this many steps in a row with a NaN/inf loss or gradient "
                                       "(each is skipped, never applied); 0: never stop.")
+    # --- the sampling and scoring commands (make-pairs, task-eval, score, merge)
+    prompts: str | None = opt(None, "Prompts to sample from: JSONL with a 'prompt' field, or .txt with one prompt "
+                                    "per line.")
+    reward: str | None = opt(None, "Reward of a sampled answer: module:function taking (prompt, completion) → "
+                                   "float, or a built-in task name.")
+    output: str | None = opt(None, "Where the command writes its result (make-pairs: a JSONL file of pairs; "
+                                   "merge: a model folder).")
+    num_prompts: int = opt(200, "Held-out task prompts to score.")
+    num_samples: int = opt(4, "Answers sampled per prompt.")
+    temperature: float = opt(1.0, "Sampling temperature (0: greedy).")
+    max_new_tokens: int = opt(64, "Longest sampled answer in tokens.")
+    prompt: str | None = opt(None, "The prompt of the answer to score.")
+    response: str | None = opt(None, "The answer to score.")
+    adapter: str | None = opt(None, "A PEFT adapter folder (adapter_config.json), e.g. a LoRA run's final/.")
 
     # ------------------------------------------------------------------
     def validate(self) -> "Config":
-        """Refuse impossible values and combinations with the reason, before any heavy work."""
-        from dpolab.losses import LOSSES
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
+        """Refuse impossible values and combinations with the reason, before any heavy work. Reads nothing
+        from disk and probes no device (dpolab.builder.check_environment does what needs them)."""
         for name, f in _fields().items():
             choices = f.metadata.get("choices")
             if choices and getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        names = self.loss_names
-        for n in names:
-            need(n in LOSSES, f"loss: unknown loss {n!r}; known: {', '.join(sorted(LOSSES))}")
-        if self.loss_weights is not None:
-            need(len(self.loss_weights) == len(names),
-                 f"loss_weights has {len(self.loss_weights)} values for {len(names)} losses ({self.loss})")
-        if self.beta is None:
-            self.beta = LOSSES[names[0]].default_beta or 0.1
-        need(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        need(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be ≥ 1")
-        need(self.batch_size % self.grad_accum == 0,
-             f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
-        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1, got {self.max_steps}")
-        need(0 <= self.eval_split < 1, f"eval_split must be in [0, 1), got {self.eval_split}")
-        need(self.max_prompt_length >= 1 and self.max_length > self.max_prompt_length,
-             f"max_length ({self.max_length}) must exceed max_prompt_length ({self.max_prompt_length}) ≥ 1")
-        need(self.logits_chunk >= 1, "logits_chunk must be ≥ 1")
-        need(self.row_tokens >= 0, f"row_tokens must be ≥ 0, got {self.row_tokens}")
-        need(self.layout == "packed" or self.row_tokens == 0,
-             f"row_tokens sets the rows of --layout packed; it does nothing with --layout {self.layout}")
-        need(min(self.eval_every, self.save_every, self.lora_r, self.max_nonfinite_steps) >= 0,
-             "eval_every, save_every, lora_r and max_nonfinite_steps must be ≥ 0")
-        need(self.save_total_limit >= 1 and self.log_every >= 1, "save_total_limit and log_every must be ≥ 1")
-        need(not (self.resume and self.overwrite), "resume and overwrite contradict each other: pick one")
-        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        uses_ref = any(LOSSES[n].needs_ref for n in names) and not self.reference_free
-        need(uses_ref or self.ref_model is None,
-             f"--ref-model was given but {'reference_free' if self.reference_free else self.loss} uses no "
-             "reference model")
-        need(uses_ref or not self.precompute_ref, "precompute_ref needs a loss that uses a reference model")
-        need(uses_ref or self.ref_device is None, "ref_device is set but the loss uses no reference model")
-        from dpolab.adapters import is_adapter_dir
-
-        lora = self.lora_r > 0 or is_adapter_dir(self.model)
-        need(not (lora and self.ref_device and not self.ref_model),
-             "ref_device: with LoRA the reference is the policy itself with its adapters off, on the policy's "
-             "device; give --ref-model for a separate reference model")
-        need(lora or not self.merge_on_save, "merge_on_save needs LoRA (--lora-r > 0 or an adapter as --model)")
-        if self.load_in_4bit:
-            from dpolab.adapters import qlora_unavailable
-
-            need(lora, "load_in_4bit (QLoRA) quantises the frozen base, which cannot be trained itself: add LoRA "
-                       "adapters with --lora-r (or give an adapter folder as --model)")
-            need(qlora_unavailable() is None, f"load_in_4bit: {qlora_unavailable()}")
-        need(len({LOSSES[n].data for n in names}) == 1, f"losses {self.loss} need different kinds of data")
-        need(0 < self.exo_epsilon < 1, f"exo_epsilon must be in (0, 1), got {self.exo_epsilon}")
-        need(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
-        need(self.ld_alpha is None or LOSSES[names[0]].data == "paired", "ld_alpha (LD-DPO) applies to paired losses")
-        need(0 < self.ref_model_mixup_alpha <= 1 and self.ref_model_sync_steps >= 1,
-             "ref_model_mixup_alpha must be in (0, 1] and ref_model_sync_steps ≥ 1")
-        need(min(self.desirable_weight, self.undesirable_weight) > 0, "KTO's weights must be > 0")
-        need(min(self.task_prompts, self.task_samples, self.task_max_new_tokens) >= 1,
-             "task_prompts, task_samples and task_max_new_tokens must be ≥ 1")
-        if self.sync_ref_model:
-            need(not self.lora_r or self.ref_model, "sync_ref_model (TR-DPO) needs a reference model of its own; "
-                                                    "with LoRA the reference is the policy with adapters off")
-            need(uses_ref, "sync_ref_model (TR-DPO) needs a loss with a reference model")
-            need(not self.precompute_ref, "sync_ref_model (TR-DPO) updates the reference, so it cannot be "
-                                          "precomputed: drop --precompute-ref")
-        if self.f_divergence_type != "reverse_kl":
-            bad = [n for n in names if LOSSES[n].needs_ref and not LOSSES[n].f_divergence]
-            need(not bad, f"f_divergence_type {self.f_divergence_type} does not apply to {', '.join(bad)}")
-        from dpolab.losses import unused_settings  # no option is accepted and ignored
-
-        unused = unused_settings([LOSSES[n] for n in names], vars(self), {n: f.default for n, f in _fields().items()})
-        need(not unused, "; ".join(unused))
+        _check_objective(self)
+        _check_ranges(self)
+        _check_reference(self)
         return self
 
     @property
@@ -235,111 +179,85 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def save(self, path: Path, fields: Sequence[str] | None = None) -> None:
+        """The resolved config as YAML: every field, or the ``fields`` a command takes."""
+        values = self.to_dict()
+        path.write_text(yaml.safe_dump({k: v for k, v in values.items() if fields is None or k in fields},
+                                       sort_keys=False))
 
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _check_objective(c: Config) -> None:
+    """The losses, β and the settings that reach them (dpolab.objective owns which setting reaches which)."""
+    names = c.loss_names
+    for n in names:
+        _need(n in LOSSES, f"loss: unknown loss {n!r}; known: {', '.join(sorted(LOSSES))}")
+    if c.loss_weights is not None:
+        _need(len(c.loss_weights) == len(names),
+              f"loss_weights has {len(c.loss_weights)} values for {len(names)} losses ({c.loss})")
+    if c.beta is None:
+        c.beta = LOSSES[names[0]].default_beta or 0.1
+    _need(c.beta > 0, f"beta must be > 0, got {c.beta}")
+    _need(0 <= c.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {c.label_smoothing}")
+    _need(len({LOSSES[n].data for n in names}) == 1, f"losses {c.loss} need different kinds of data")
+    _need(0 < c.exo_epsilon < 1, f"exo_epsilon must be in (0, 1), got {c.exo_epsilon}")
+    _need(c.ld_alpha is None or 0 <= c.ld_alpha <= 1, f"ld_alpha must be in [0, 1], got {c.ld_alpha}")
+    _need(c.ld_alpha is None or LOSSES[names[0]].data == "paired", "ld_alpha (LD-DPO) applies to paired losses")
+    _need(min(c.desirable_weight, c.undesirable_weight) > 0, "KTO's weights must be > 0")
+    if c.f_divergence_type != "reverse_kl":
+        bad = [n for n in names if LOSSES[n].needs_ref and not LOSSES[n].f_divergence]
+        _need(not bad, f"f_divergence_type {c.f_divergence_type} does not apply to {', '.join(bad)}")
+    unused = unused_settings([LOSSES[n] for n in names], vars(c), {n: f.default for n, f in _fields().items()})
+    _need(not unused, "; ".join(unused))  # no option is accepted and ignored
+
+
+def _check_ranges(c: Config) -> None:
+    """Optimisation, tokenisation, run control and sampling values in their ranges."""
+    _need(c.learning_rate > 0, f"learning_rate must be > 0, got {c.learning_rate}")
+    _need(0 <= c.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}")
+    _need(c.batch_size >= 1 and c.grad_accum >= 1, "batch_size and grad_accum must be ≥ 1")
+    _need(c.batch_size % c.grad_accum == 0, f"batch_size {c.batch_size} is not divisible by grad_accum {c.grad_accum}")
+    _need(c.epochs > 0, f"epochs must be > 0, got {c.epochs}")
+    _need(c.max_steps is None or c.max_steps >= 1, f"max_steps must be ≥ 1, got {c.max_steps}")
+    _need(0 <= c.eval_split < 1, f"eval_split must be in [0, 1), got {c.eval_split}")
+    _need(c.max_prompt_length >= 1 and c.max_length > c.max_prompt_length,
+          f"max_length ({c.max_length}) must exceed max_prompt_length ({c.max_prompt_length}) ≥ 1")
+    _need(c.logits_chunk >= 1, "logits_chunk must be ≥ 1")
+    _need(c.row_tokens >= 0, f"row_tokens must be ≥ 0, got {c.row_tokens}")
+    _need(c.layout == "packed" or c.row_tokens == 0,
+          f"row_tokens sets the rows of --layout packed; it does nothing with --layout {c.layout}")
+    _need(min(c.eval_every, c.save_every, c.lora_r, c.max_nonfinite_steps) >= 0,
+          "eval_every, save_every, lora_r and max_nonfinite_steps must be ≥ 0")
+    _need(c.save_total_limit >= 1 and c.log_every >= 1, "save_total_limit and log_every must be ≥ 1")
+    _need(not (c.resume and c.overwrite), "resume and overwrite contradict each other: pick one")
+    _need(0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    _need(min(c.task_prompts, c.task_samples, c.task_max_new_tokens) >= 1,
+          "task_prompts, task_samples and task_max_new_tokens must be ≥ 1")
+    _need(min(c.num_prompts, c.num_samples, c.max_new_tokens) >= 1,
+          "num_prompts, num_samples and max_new_tokens must be ≥ 1")
+    _need(c.temperature >= 0, f"temperature must be ≥ 0, got {c.temperature}")
+
+
+def _check_reference(c: Config) -> None:
+    """Reference settings against the losses (whether the run has a reference at all, and TR-DPO's)."""
+    uses_ref = any(LOSSES[n].needs_ref for n in c.loss_names) and not c.reference_free
+    _need(uses_ref or c.ref_model is None,
+          f"--ref-model was given but {'reference_free' if c.reference_free else c.loss} uses no reference model")
+    _need(uses_ref or not c.precompute_ref, "precompute_ref needs a loss that uses a reference model")
+    _need(uses_ref or c.ref_device is None, "ref_device is set but the loss uses no reference model")
+    _need(0 < c.ref_model_mixup_alpha <= 1 and c.ref_model_sync_steps >= 1,
+          "ref_model_mixup_alpha must be in (0, 1] and ref_model_sync_steps ≥ 1")
+    if c.sync_ref_model:
+        _need(not c.lora_r or c.ref_model, "sync_ref_model (TR-DPO) needs a reference model of its own; "
+                                           "with LoRA the reference is the policy with adapters off")
+        _need(uses_ref, "sync_ref_model (TR-DPO) needs a loss with a reference model")
+        _need(not c.precompute_ref, "sync_ref_model (TR-DPO) updates the reference, so it cannot be "
+                                    "precomputed: drop --precompute-ref")
 
 def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Config)}
-
-
-def field_type(name: str) -> tuple[type, bool]:
-    """(base type, optional) of a config field: int, float, str, bool or list[float]."""
-    hint = typing.get_type_hints(Config)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    base = args[0] if optional else hint
-    return base, optional
-
-
-def coerce(name: str, value: Any, where: str) -> Any:
-    """Check (and, from strings, parse) one value for field ``name``; ``where`` names its source."""
-    base, optional = field_type(name)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: {name} cannot be empty")
-    try:
-        if base is bool:
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if typing.get_origin(base) is list:
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list):
-                raise ValueError
-            return [float(v) for v in items]
-    except (TypeError, ValueError):
-        pass
-    raise ConfigError(f"{where}: {name} expects {_type_name(base)}, got {value!r}")
-
-
-def _type_name(base: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        base, "comma-separated numbers")
-
-
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults < YAML file < overrides (flags or keyword arguments); unknown keys are errors."""
-    values: dict[str, Any] = {}
-    fields = _fields()
-    if path is not None:
-        p = Path(path)
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f", line {mark.line + 1}" if mark else ""
-            if isinstance(e, yaml.constructor.ConstructorError):  # e.g. !!python/object/apply:os.system
-                raise ConfigError(f"{path}{line}: a YAML tag that would build a Python object or run code "
-                                  f"({getattr(e, 'problem', e)}); config files are read with yaml.safe_load, which "
-                                  "accepts plain values only") from None
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
-        for key, value in raw.items():
-            key = str(key).replace("-", "_")
-            if key not in fields:
-                raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key)}")
-            values[key] = coerce(key, value, path)
-    for key, value in (overrides or {}).items():
-        if key not in fields:
-            raise ConfigError(f"unknown setting {key!r}{_suggest(key)}")
-        values[key] = coerce(key, value, "argument")
-    if values.get("model") is None and values.get("data") is None:
-        _add_embedded_recipe(values)
-    return Config(**values).validate()
-
-
-def _add_embedded_recipe(values: dict[str, Any]) -> None:
-    """With no model and no data, the embedded default runs with its own recipe beneath the user's keys."""
-    from dpolab import embedded
-
-    if embedded.RECIPE.is_file():
-        for key, value in (yaml.safe_load(embedded.RECIPE.read_text()) or {}).items():
-            values.setdefault(key, coerce(key, value, str(embedded.RECIPE)))
-
-
-def _suggest(key: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(_fields()), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

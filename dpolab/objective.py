@@ -5,18 +5,23 @@ It turns per-sequence log-probs (S,) into per-example losses (B,) by reading eac
 a loss name. Sequence ``s`` of a batch is completion ``s % K`` of example ``s // K``:
 paired data has K = 2 (chosen, rejected); ranked data K answers best first; unpaired data K = 1, or 2 when
 the loss needs KTO's mismatched pairs (the row's own completion, then another row's completion).
+
+This module also owns the rule "which setting reaches which loss": a loss's own ``params`` (declared in
+the registry), the modifier settings of :data:`MODIFIER_SETTINGS`, :func:`unused_settings` (no option is
+accepted and ignored), and :data:`OBJECTIVE_FIELDS`, every config field the objective reads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from dpolab.batch import Batch
+from dpolab.data.batch import Batch
 from dpolab.errors import ConfigError
-from dpolab.losses import Loss, f_divergence_inputs, get_loss, kto_kl_estimate, update_running_mean, wpo_weights
+from dpolab.losses import (LOSSES, Loss, f_divergence_inputs, get_loss, kto_kl_estimate, update_running_mean,
+                           wpo_weights)
 
 Tensor = torch.Tensor
 
@@ -151,3 +156,71 @@ def build_objective(names: list[str], weights: list[float] | None, beta: float, 
                      use_weighting=settings.get("use_weighting", False),
                      running_delta=settings.get("bco_running_delta", False),
                      gather=gather or (lambda t: t))
+
+
+class Setting(NamedTuple):
+    """A setting that a modifier (not a loss's own ``params``) reads, and when: ``applies(losses, settings)``
+    reads only the selected losses' declarations and the other settings, never a loss name."""
+
+    name: str
+    applies: Callable[[Sequence[Loss], Mapping[str, Any]], bool]
+    needs: str  # what makes it apply, for the error message
+
+
+def _uses_ref(losses: Sequence[Loss], settings: Mapping[str, Any]) -> bool:
+    return any(loss.needs_ref for loss in losses) and not settings.get("reference_free")
+
+
+MODIFIER_SETTINGS = (
+    Setting("use_weighting", lambda ls, s: all(x.data == "paired" and x.row_weights for x in ls),
+            "paired losses whose row i is example i (WPO weights each pair; a loss that sorts rows over the "
+            "batch has no pair per row)"),
+    Setting("ld_alpha", lambda ls, s: all(x.data == "paired" for x in ls),
+            "paired losses (LD-DPO down-weights a pair's tokens past its shorter answer)"),
+    Setting("f_divergence_type", lambda ls, s: any(x.needs_ref and x.f_divergence for x in ls),
+            "a loss with a reference model that accepts f-divergences"),
+    Setting("f_alpha_divergence_coef", lambda ls, s: s.get("f_divergence_type") == "alpha_divergence",
+            "f_divergence_type alpha_divergence"),
+    Setting("bco_running_delta", lambda ls, s: any("delta" in x.state for x in ls),
+            "a loss that keeps a running δ (state 'delta')"),
+    Setting("unpair", lambda ls, s: all(x.data == "unpaired" for x in ls),
+            "a loss on unpaired rows (pairs are then split into a desirable and an undesirable row)"),
+    Setting("reference_free", lambda ls, s: any(x.needs_ref for x in ls),
+            "a loss with a reference model (the others never build one)"),
+    Setting("sync_ref_model", _uses_ref, "a loss with a reference model (TR-DPO moves it)"),
+    Setting("ref_model_mixup_alpha", lambda ls, s: bool(s.get("sync_ref_model")), "sync_ref_model (TR-DPO)"),
+    Setting("ref_model_sync_steps", lambda ls, s: bool(s.get("sync_ref_model")), "sync_ref_model (TR-DPO)"),
+)
+
+
+def unused_settings(losses: Sequence[Loss], settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    """One message per setting that differs from its default although nothing selected reads it, so that no
+    option is accepted and silently ignored: a hyper-parameter no selected loss declares in ``params``, or a
+    :data:`MODIFIER_SETTINGS` entry whose condition fails. Read from the declarations only.
+
+    >>> unused_settings([LOSSES["ipo"]], {"label_smoothing": 0.1}, {"label_smoothing": 0.0})[0][:55]
+    'label_smoothing = 0.1 has no effect with --loss ipo: no'
+    """
+    chosen = ",".join(loss.name for loss in losses)
+    messages = []
+    params = sorted({p for loss in LOSSES.values() for p in loss.params})
+    for p in params:
+        if p in settings and settings[p] != defaults.get(p) and not any(p in loss.params for loss in losses):
+            readers = ", ".join(n for n, loss in LOSSES.items() if p in loss.params)
+            messages.append(f"{p} = {settings[p]!r} has no effect with --loss {chosen}: no selected loss takes "
+                            f"it (losses that do: {readers})")
+    for setting in MODIFIER_SETTINGS:
+        value = settings.get(setting.name, defaults.get(setting.name))
+        if value != defaults.get(setting.name) and not setting.applies(losses, settings):
+            readers = [n for n, loss in LOSSES.items() if setting.applies([loss], settings)]
+            messages.append(f"{setting.name} = {value!r} has no effect with --loss {chosen}: it needs "
+                            f"{setting.needs}" + (f" (losses that qualify: {', '.join(readers)})" if readers else ""))
+    return messages
+
+
+# Every config field the objective reads: the losses and their weights, β, each loss's hyper-parameters (the
+# registry's ``params``) and the modifiers, but TR-DPO's, which move the reference during training only. A run
+# records them in final/ (dpolab.models.record); `dpolab eval` takes them as flags.
+REFERENCE_UPDATES = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
+OBJECTIVE_FIELDS = ("loss", "loss_weights", "beta", *sorted({p for loss in LOSSES.values() for p in loss.params}),
+                    *(s.name for s in MODIFIER_SETTINGS if s.name not in REFERENCE_UPDATES))

@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpolab.generate import sample  # noqa: E402
-from dpolab.pairs import pair_rows, write_jsonl  # noqa: E402
+from dpolab.evaluation.generate import sample  # noqa: E402
+from dpolab.evaluation.pairs import pair_rows, write_jsonl  # noqa: E402
 from dpolab.tasks import addition  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]

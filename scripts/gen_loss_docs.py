@@ -85,52 +85,6 @@ TYPICAL_BETA = {
     "rebel": "1 (the authors' η = 1/β = 1); βΔ is regressed onto the raw score gap, so scale β with the scores",
 }
 
-TRL = "tests/test_losses_trl.py"
-OPTIMUM = "tests/test_losses_optimum.py"
-PROPERTIES = "tests/test_losses_properties.py"
-HAND = "tests/test_losses.py"
-_TRL_DPO = ("TRL 1.16's DPOTrainer loss code on the same log-probs (value and gradient)",
-            f"{TRL}::test_dpo_trainer_losses")
-
-# loss → the independent checks that pin it: (what it is checked against, "file::test"). Each named test must
-# exist (tests/test_losses_docs.py), and every registry loss needs an entry.
-CHECKS: dict[str, list[tuple[str, str]]] = {
-    "sigmoid": [_TRL_DPO, ("the closed-form gradient −β·σ(−βΔ)", f"{HAND}::test_dpo_gradient_closed_form"),
-                ("optimisation: the tabular optimum π_ref·exp(r/β)/Z",
-                 f"{OPTIMUM}::test_dpo_population_minimiser_is_the_closed_form"),
-                ("optimisation: cDPO (ε > 0) stops at βΔ = log((1−ε)/ε)",
-                 f"{OPTIMUM}::test_cdpo_optimum_stops_at_log_odds_of_the_label_noise"),
-                ("calculus: the β limits (gradient −β/2 at π_ref)", f"{PROPERTIES}::test_dpo_beta_limits")],
-    **{n: [_TRL_DPO] for n in ("robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
-                               "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft")},
-    "odpo": [("optimisation against the calculus root: the optimum margin exceeds the offset and DPO's",
-              f"{PROPERTIES}::test_odpo_optimum_margin_exceeds_the_offset_and_dpos"),
-             ("hand-worked values and the refusal of gaps log cannot take", f"{HAND}::test_odpo_hand")],
-    "rdpo": [("optimisation: the tabular optimum prefers the shorter answer by exp(−α·Δn/β)",
-              f"{OPTIMUM}::test_rdpo_tabular_optimum_prefers_the_shorter_answer"),
-             ("hand-worked values", f"{HAND}::test_rdpo_hand"),
-             ("policy = reference with n_c ≠ n_r", f"{HAND}::test_value_when_policy_equals_reference")],
-    "dpop": [("optimisation along training: the chosen log-prob stays above the reference's where DPO's falls",
-              f"{PROPERTIES}::test_dpop_keeps_the_chosen_log_prob_above_the_reference_where_dpo_lets_it_fall")],
-    "cal_dpo": [("calculus and optimisation: the optimum h_c = −h_r = 1/(2β) + σ(−Δ)/2",
-                 f"{PROPERTIES}::test_cal_dpo_optimum_by_calculus")],
-    "rebel": [("optimisation: least squares regresses βΔ onto the score gap, optimum π_ref·exp(r/β)/Z",
-               f"{OPTIMUM}::test_rebel_tabular_optimum_regresses_the_margin_onto_the_score_gap"),
-              ("hand-worked values and gradient", f"{HAND}::test_rebel_hand")],
-    "plackett_luce": [("optimisation over all 6 rankings of K = 3: the optimum π_ref·exp(r/β)/Z",
-                       f"{OPTIMUM}::test_plackett_luce_k3_population_minimiser_is_the_closed_form"),
-                      ("K = 2 equals sigmoid", f"{HAND}::test_plackett_luce_with_two_equals_sigmoid")],
-    "simpo": [("TRL 1.16's CPOTrainer loss code (value and gradient)", f"{TRL}::test_cpo_trainer_losses")],
-    "cpo": [("TRL 1.16's CPOTrainer loss code (value and gradient)", f"{TRL}::test_cpo_trainer_losses")],
-    "alphapo": [("TRL 1.16's CPOTrainer loss code (value and gradient)", f"{TRL}::test_cpo_trainer_losses")],
-    "orpo": [("TRL 1.16's ORPOTrainer loss code (value and gradient)",
-              f"{TRL}::test_orpo_matches_trl_with_one_token_prompts")],
-    "kto": [("TRL 1.16's KTOTrainer loss code (value and gradient)", f"{TRL}::test_kto_matches_trl")],
-    "bco": [("calculus and optimisation: a calibrated classifier with its boundary at βh = δ",
-             f"{PROPERTIES}::test_bco_is_a_calibrated_classifier_with_its_boundary_at_delta")],
-}
-
-
 def _declaration_row(loss: L.Loss) -> str:
     inputs = list(loss.columns) + [f"{s} (state)" for s in loss.state]
     if loss.needs_kl:
@@ -156,7 +110,7 @@ def _section(loss: L.Loss) -> str:
         f"- typical β: {TYPICAL_BETA.get(loss.name, f'{loss.default_beta or 0.1} (the default)')}",
         f"- pick it when: {loss.pick_when}",
         f"- TRL 1.16: {loss.trl_name or 'not implemented'}",
-        f"- pinned by: {'; '.join(f'{what} (`{test}`)' for what, test in CHECKS.get(loss.name, []))}",
+        f"- pinned by: {'; '.join(f'{what} (`{test}`)' for what, test in loss.pinned_by)}",
         "",
         "```text",
         loss.doc,
@@ -165,8 +119,8 @@ def _section(loss: L.Loss) -> str:
     ])
 
 
-MODIFIERS = [L.combine, L.f_divergence_logratios, L.f_divergence_inputs, L.wpo_weights, L.ld_pair_logps,
-             L.tr_dpo_update, L.tr_dpo_update_, L.update_running_mean, L.kto_weight_advice, L.kto_kl_estimate]
+MODIFIERS = [L.f_divergence_logratios, L.f_divergence_inputs, L.wpo_weights, L.tr_dpo_update_, L.update_running_mean,
+             L.kto_weight_advice, L.kto_kl_estimate]
 
 
 def render() -> str:
@@ -179,7 +133,7 @@ def render() -> str:
         parts += [f"## {title}", ""]
         parts += [_section(loss) for loss in L.LOSSES.values() if loss.data == data and loss.needs_ref == needs_ref]
     parts += ["## What pins each loss", "", "| loss | independent check | test |", "|---|---|---|"]
-    parts += [f"| `{name}` | {what} | `{test}` |" for name in L.LOSSES for what, test in CHECKS.get(name, [])]
+    parts += [f"| `{name}` | {what} | `{test}` |" for name, loss in L.LOSSES.items() for what, test in loss.pinned_by]
     parts.append("")
     parts += ["## Modifiers", "",
               "Pure functions the trainer applies around the losses (`from dpolab.losses import ...`).", ""]

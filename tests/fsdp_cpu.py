@@ -20,11 +20,11 @@ import torch
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-import dpolab.distributed
-import dpolab.training
+import dpolab.builder
+import dpolab.training.distributed
 from dpolab import cli
 
-real_make_accelerator = dpolab.training.make_accelerator
+real_make_accelerator = dpolab.builder.make_accelerator
 
 
 def shard(policy: torch.nn.Module, optimizer: torch.optim.Optimizer):
@@ -50,6 +50,6 @@ def make_accelerator(config):
 
 
 if __name__ == "__main__":
-    dpolab.training.make_accelerator = make_accelerator
-    dpolab.distributed.engine = lambda accelerator: "fsdp"
+    dpolab.builder.make_accelerator = make_accelerator
+    dpolab.training.distributed.engine = lambda accelerator: "fsdp"
     sys.exit(cli.main(sys.argv[1:]))

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import preference_rows
+
+Tensor = torch.Tensor
 
 
 def uneven_rows(n: int, seed: int = 0) -> list[dict]:
@@ -73,3 +76,58 @@ def pair_logps(model_dir, rows: list[dict], weights: str | Path | None = None) -
     w = None if weights is None else str(weights)
     return [(token_logps(model_dir, r["prompt"], r["chosen"], w), token_logps(model_dir, r["prompt"], r["rejected"], w))
             for r in rows]
+
+
+# ---- independent implementations the trainer's code is checked against (TRL-shaped, padded tensors)
+
+def combine(per_example_losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ_k w_k · mean(loss_k)``: several losses at once (RPO = sigmoid + sft; MPO = sigmoid + bco_pair +
+    sft). Each ``loss_k`` is (B,) (unpaired: (B,) too); the result is a scalar. TRL 1.16's ``loss_weights``.
+    """
+    if len(per_example_losses) != len(weights):
+        raise ValueError(f"{len(per_example_losses)} losses but {len(weights)} weights")
+    return sum(w * loss.mean() for loss, w in zip(per_example_losses, weights))
+
+
+def ld_pair_logps(chosen_token_logps: Tensor, chosen_mask: Tensor, rejected_token_logps: Tensor,
+                  rejected_mask: Tensor, *, ld_alpha: float) -> tuple[Tensor, Tensor]:
+    """LD-DPO sequence log-probs: tokens up to the pair's public length ``l_p = min(n_c, n_r)`` count fully,
+    later ("verbose") tokens are scaled by α: ``π̂ = Σ_{t ≤ l_p} log p_t + α·Σ_{t > l_p} log p_t``.
+
+    Liu et al. 2024, Length Desensitization in DPO (LD-DPO). Inputs: per-token log-probs (B, T_c), (B, T_r)
+    aligned with their completion masks (1 on completion tokens, which may start after a prompt or padding;
+    t counts completion tokens only). Apply it to the policy AND the reference token log-probs with the same
+    α (a precomputed reference must be computed with it), then call any paired loss on the results.
+    α = 1 gives the plain sums; α = 0 drops the verbose tail. TRL 1.16: same (``ld_alpha``).
+    """
+    if not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
+    pos_c = chosen_mask.cumsum(-1)  # (B, T_c): 1-based position among completion tokens
+    pos_r = rejected_mask.cumsum(-1)
+    shared = torch.minimum(pos_c[:, -1], pos_r[:, -1]).unsqueeze(-1)  # (B, 1)
+
+    def weighted(token_logps: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        m = mask.to(token_logps.dtype)
+        scale = torch.where(pos <= shared, 1.0, ld_alpha).to(token_logps.dtype)
+        return (token_logps * m * scale).sum(-1)  # (B,)
+
+    return weighted(chosen_token_logps, chosen_mask, pos_c), weighted(rejected_token_logps, rejected_mask, pos_r)
+
+
+def tr_dpo_update(ref_params: Mapping[str, Tensor], policy_params: Mapping[str, Tensor], *,
+                  ref_model_mixup_alpha: float = 0.6) -> dict[str, Tensor]:
+    """TR-DPO soft reference update, as new tensors: ``ref ← α·π + (1 − α)·ref`` for every parameter.
+
+    Gorbatovski et al. 2024, Learn Your Reference Model for Real Good Alignment (TR-DPO); α = 1 is the hard
+    update (copy the policy). The trainer calls it every ``ref_model_sync_steps`` (τ, 512) optimizer steps.
+    Inputs: two state dicts (or ``named_parameters()`` mappings) with the same keys; non-float entries
+    (buffers of ints) are copied from the policy. TRL 1.16: same α (``ref_model_mixup_alpha`` = 0.6) and τ.
+    """
+    if ref_params.keys() != policy_params.keys():
+        raise ValueError("reference and policy parameters have different names")
+    a = ref_model_mixup_alpha
+    out = {}
+    for k, ref in ref_params.items():
+        pol = policy_params[k].detach().to(ref.device)
+        out[k] = a * pol.to(ref.dtype) + (1 - a) * ref.detach() if ref.is_floating_point() else pol.clone()
+    return out

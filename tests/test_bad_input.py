@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import dpolab
-from dpolab.data import load_records
+from dpolab.data.reading import load_records
 from dpolab.errors import DataError
 
 GOOD = {"prompt": "what is red?", "chosen": " good", "rejected": " bad"}
@@ -63,8 +63,8 @@ def test_chosen_equal_to_rejected_is_warned_and_counted(tmp_path, caplog):
 def test_truncated_prompts_and_completions_are_counted(tiny_model, caplog):
     from transformers import AutoTokenizer
 
-    from dpolab.data import Record
-    from dpolab.tokenization import tokenize_records
+    from dpolab.data.records import Record
+    from dpolab.data.tokenization import tokenize_records
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     long = " ".join(["the cat is good"] * 20)
@@ -165,7 +165,7 @@ def test_pickle_only_model_is_refused(tmp_path, tiny_model):
     shutil.copy(tiny_model / "config.json", tmp_path / "m")
     torch.save(load_file(str(tiny_model / "model.safetensors")), tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(dpolab.DpolabError, match="safetensors only"):
-        from dpolab.setup import load_model
+        from dpolab.models.loading import load_model
 
         load_model(str(tmp_path / "m"))
     model = load_model(str(tmp_path / "m"), allow_pickle=True)  # the explicit opt-in loads it

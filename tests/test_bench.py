@@ -7,9 +7,13 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import harness  # noqa: E402
+
+pytestmark = pytest.mark.slow  # make test-fast skips it; make test runs it
 
 
 def test_harness_dpolab_and_trl_agree(tmp_path):

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from dpolab.data import load_records, split_records
+from dpolab.data.reading import load_records
+from dpolab.data.records import split_records
 from tests.conftest import preference_rows
 
 ROWS = preference_rows(5, seed=7)
@@ -70,16 +71,16 @@ def hooked_load_model(monkeypatch, hook):
     its first decoder layer's attention: inside the layer, so checkpointing's recompute runs it again
     (transformers keeps the layer's own hooks outside the checkpoint, and the recompute stops early, inside
     the MLP), and before the fp32 residual stream is added back."""
-    import dpolab.setup as setup
+    import dpolab.models.loading as loading
 
-    original = setup.load_model
+    original = loading._load_pretrained  # every model load (policy, --ref-model, evaluation) goes through it
 
     def load(*args, **kwargs):
         model = original(*args, **kwargs)
         model.model.layers[0].self_attn.register_forward_hook(lambda module, inputs, output: hook(module, output[0]))
         return model
 
-    monkeypatch.setattr(setup, "load_model", load)
+    monkeypatch.setattr(loading, "_load_pretrained", load)
 
 
 def test_bf16_autocast_runs_the_model_in_bf16(run_config, tmp_path, monkeypatch):
@@ -126,9 +127,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpolab.batch import collate
-    from dpolab.logps import SequenceLogps
-    from dpolab.tokenization import Example
+    from dpolab.data.batch import collate
+    from dpolab.data.records import Example
+    from dpolab.models.logps import SequenceLogps
 
     batch = collate([Example(0, [5, 6, 7], [[8, 9], [10, 11, 12]])], pad_id=0)
     grads = []

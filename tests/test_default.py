@@ -13,6 +13,8 @@ import dpolab
 from dpolab import embedded
 from dpolab.tasks import addition
 
+pytestmark = pytest.mark.slow  # make test-fast skips it; make test runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

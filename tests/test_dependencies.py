@@ -28,4 +28,3 @@ def test_the_installed_peft_has_the_api():
     from peft import PeftModel
 
     assert "inference_mode" in inspect.signature(PeftModel.set_adapter).parameters
-    assert "set_adapter(STARTING, inference_mode=True)" in (ROOT / "dpolab" / "adapters.py").read_text()

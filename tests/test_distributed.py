@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpolab.metrics import read_metrics
+from dpolab.evaluation.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # make test-fast skips it; make test runs it
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -121,7 +123,7 @@ def test_a_sharding_config_that_accelerate_cannot_honour_is_refused(monkeypatch)
     from accelerate.utils import DistributedType
 
     import dpolab
-    from dpolab.distributed import check_supported
+    from dpolab.training.distributed import check_supported
 
     cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
     check_supported(cpu, save_every=2, resume=False, grad_accum=2)  # DDP: everything allowed
@@ -185,7 +187,7 @@ def test_sharding_refuses_a_frozen_reference_copy_and_a_signal_saves_nothing(mon
     import signal as sig
 
     import dpolab
-    import dpolab.distributed as D
+    import dpolab.training.distributed as D
     from dpolab.errors import Interrupted
     from dpolab.losses import LOSSES, Loss, sigmoid
 

@@ -6,7 +6,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpolab.data import load_records, parse_row
+from dpolab.data.reading import load_records
+from dpolab.data.records import parse_row
 from dpolab.errors import DataError
 
 json_values = st.recursive(

@@ -16,15 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dpolab
-from dpolab import batch as batch_module
-from dpolab.batch import LAYOUTS, collate, collate_packed, collate_prefix, dense_visible, fill_rows, make_batch
 from dpolab.config import Config
-from dpolab.data import Record
+from dpolab.data import batch as batch_module
+from dpolab.data.batch import LAYOUTS, collate, collate_packed, collate_prefix, dense_visible, fill_rows, make_batch
+from dpolab.data.records import Example, Record
+from dpolab.data.tokenization import add_mismatched_completions, tokenize_records
 from dpolab.errors import ConfigError
-from dpolab.logps import SequenceLogps, additive_mask, bool_mask, flex_block_mask
-from dpolab.metrics import read_metrics
+from dpolab.evaluation.metrics import read_metrics
+from dpolab.models.logps import SequenceLogps, additive_mask, bool_mask, flex_block_mask
 from dpolab.objective import build_objective
-from dpolab.tokenization import Example, add_mismatched_completions, tokenize_records
 
 from .conftest import WORDS
 
@@ -78,7 +78,7 @@ def alone(model, examples: list[Example]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    from dpolab.setup import load_tokenizer
+    from dpolab.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 
@@ -342,7 +342,7 @@ def test_the_attention_kernel_is_a_setting_and_the_kernels_train_alike(run_confi
     from transformers import PreTrainedModel
 
     from dpolab.errors import DpolabError
-    from dpolab.setup import load_model
+    from dpolab.models.loading import load_model
 
     assert load_model(str(tiny_model), attn_implementation="eager").config._attn_implementation == "eager"
     applied, original = [], PreTrainedModel.set_attn_implementation

@@ -5,9 +5,9 @@ import types
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpolab.batch import collate
-from dpolab.logps import SequenceLogps
-from dpolab.tokenization import Example
+from dpolab.data.batch import collate
+from dpolab.data.records import Example
+from dpolab.models.logps import SequenceLogps
 
 
 def full_logps(model, examples):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import dpolab
-from dpolab.batch import collate
-from dpolab.logps import SequenceLogps
-from dpolab.metrics import read_metrics
+from dpolab.data.batch import collate
+from dpolab.evaluation.metrics import read_metrics
+from dpolab.models.logps import SequenceLogps
 
 from .conftest import preference_rows, write_jsonl
 
@@ -23,10 +23,11 @@ def steps(out) -> list[dict]:
 
 
 def sample_batch(tiny_model):
-    from dpolab.setup import load_tokenizer
-    from dpolab.data import load_records
-    from dpolab.tokenization import tokenize_records
     import tempfile
+
+    from dpolab.data.reading import load_records
+    from dpolab.data.tokenization import tokenize_records
+    from dpolab.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     with tempfile.TemporaryDirectory() as d:
@@ -54,7 +55,7 @@ def lora_run(tiny_model, tmp_path_factory):
 def test_first_loss_is_ln2_and_the_reference_is_the_base(lora_run, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from dpolab.adapters import AdapterReference, load_policy
+    from dpolab.models.adapters import AdapterReference, load_policy
 
     out, _, summary = lora_run
     assert steps(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -146,7 +147,7 @@ def test_refusals(tiny_model, lora_run):
         dpolab.load_config(overrides=dict(model=str(tiny_model), data=str(prefs), lora_r=4, ref_device="cpu"))
     with pytest.raises(dpolab.ConfigError, match="merge_on_save needs LoRA"):
         dpolab.load_config(overrides=dict(model=str(tiny_model), data=str(prefs), merge_on_save=True))
-    from dpolab.adapters import load_policy
+    from dpolab.models.adapters import load_policy
 
     with pytest.raises(dpolab.ConfigError, match="already a LoRA adapter"):
         load_policy(str(out / "final"), 8, 16, 0, "all-linear")
@@ -168,7 +169,7 @@ def live_tensor_bytes() -> int:
 def test_lora_reference_holds_no_second_copy(lora_run, tiny_model, monkeypatch, tmp_path):
     """Everything held while the first step runs: adapters-off reference vs an explicit reference model with
     the same weights (a second copy). The first holds less by a whole model's weights."""
-    import dpolab.training as training
+    import dpolab.training.loop as training
 
     held = []  # live bytes at the first step of each run
     original = training.train_step

@@ -12,8 +12,9 @@ import pytest
 
 import dpolab
 from dpolab import cli
-from dpolab.config import load_config
-from dpolab.losses import LOSSES, MODIFIER_SETTINGS, Loss
+from dpolab.commands import load_config
+from dpolab.losses import LOSSES, Loss
+from dpolab.objective import MODIFIER_SETTINGS
 
 # A valid non-default value for every hyper-parameter some loss declares.
 NON_DEFAULT = {"label_smoothing": 0.1, "exo_epsilon": 0.01, "discopop_tau": 0.1, "rdpo_alpha": 0.02,
@@ -117,12 +118,13 @@ def unpaired_file(tmp_path, n_desirable, n_undesirable):
 
 
 def advice_logged(loss, path, caplog, **settings) -> list[str]:
-    from dpolab.data import load_records
-    from dpolab.setup import prepare_records
+    from dpolab.builder import objective_for, prepare_records
+    from dpolab.data.reading import load_records
 
     caplog.clear()
+    cfg = config(loss=loss, **settings)
     with caplog.at_level(logging.WARNING, logger="dpolab"):
-        prepare_records(config(loss=loss, **settings), load_records(str(path)))
+        prepare_records(cfg, objective_for(cfg), load_records(str(path)))
     return [r.getMessage() for r in caplog.records]
 
 

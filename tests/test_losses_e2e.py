@@ -14,8 +14,8 @@ import torch
 
 import dpolab
 from dpolab import cli
+from dpolab.evaluation.metrics import read_metrics
 from dpolab.losses import LOSSES
-from dpolab.metrics import read_metrics
 from tests.conftest import preference_rows, write_jsonl
 
 # SPEC §2: the loss at policy = reference, β = 0.1 (defaults for the other parameters).
@@ -215,8 +215,9 @@ CPO_FAMILY = [
 def test_dpolab_eval_agrees_with_trl_cpo_trainer(name, trl_attrs, tiny_model, datasets):
     """CPO, SimPO and AlphaPO: `dpolab eval` (defaults) against TRL 1.16's CPOTrainer loss code running the same
     tiny model on the same rows in one batch (CPO's NLL is a mean over the batch's chosen tokens)."""
-    from tests.test_losses_trl import trl_experimental_loss_and_metrics
     from transformers import AutoModelForCausalLM
+
+    from tests.test_losses_trl import trl_experimental_loss_and_metrics
 
     rows = [json.loads(line) for line in Path(datasets["paired"]).read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -230,8 +231,9 @@ def test_dpolab_eval_agrees_with_trl_cpo_trainer(name, trl_attrs, tiny_model, da
 def test_dpolab_eval_agrees_with_trl_orpo_trainer_up_to_its_prompt_nll(tiny_model, datasets):
     """ORPO: TRL 1.16's ORPOTrainer adds the prompt tokens to the NLL (documented deviation); with TRL's NLL
     swapped for the completion-token NLL computed by hand, the two agree."""
-    from tests.test_losses_trl import trl_experimental_loss_and_metrics
     from transformers import AutoModelForCausalLM
+
+    from tests.test_losses_trl import trl_experimental_loss_and_metrics
 
     rows = [json.loads(line) for line in Path(datasets["paired"]).read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -252,7 +254,8 @@ def test_dpolab_eval_agrees_with_trl_kto_trainer(tiny_model, other_model, datase
     in one batch (the KL estimate is a batch mean); loss and the kl metric agree."""
     from transformers import AutoModelForCausalLM
 
-    from dpolab.tokenization import Example, add_mismatched_completions
+    from dpolab.data.records import Example
+    from dpolab.data.tokenization import add_mismatched_completions
     from tests.test_losses_trl import _Model, _stub, trl_kto
 
     rows = [json.loads(line) for line in Path(datasets["unpaired"]).read_text().splitlines()]

@@ -8,9 +8,17 @@ import math
 import pytest
 import torch
 
-from dpolab.losses import (LOSSES, combine, f_divergence_inputs, f_divergence_logratios, kto_kl_estimate,
-                           kto_weight_advice, ld_pair_logps, tr_dpo_update, tr_dpo_update_, update_running_mean,
-                           wpo_weights)
+from dpolab.losses import (
+    LOSSES,
+    f_divergence_inputs,
+    f_divergence_logratios,
+    kto_kl_estimate,
+    kto_weight_advice,
+    tr_dpo_update_,
+    update_running_mean,
+    wpo_weights,
+)
+from tests.hand import combine, ld_pair_logps, tr_dpo_update
 
 
 def t(*xs):
@@ -78,7 +86,7 @@ def test_the_trainers_ld_weights_agree_with_ld_pair_logps(alpha):
     """The two LD-DPO implementations: the trainer's token weights (dpolab.logps.ld_weights, over a flat list
     of scored tokens in any interleaving that keeps each sequence's order, as the batch layouts give) and the
     TRL-checked ld_pair_logps (over padded (B, T) tensors) give the same sequence sums."""
-    from dpolab.logps import ld_weights
+    from dpolab.models.logps import ld_weights
 
     g = torch.Generator().manual_seed(int(10 * alpha))
     B, T = 6, 9

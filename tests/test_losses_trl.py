@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpolab.losses import LOSSES, combine, f_divergence_inputs, ld_pair_logps, wpo_weights
+from dpolab.losses import LOSSES, f_divergence_inputs, wpo_weights
+from tests.hand import combine, ld_pair_logps
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 trl_kto = pytest.importorskip("trl.trainer.kto_trainer")

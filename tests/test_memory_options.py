@@ -9,8 +9,8 @@ import torch
 
 import dpolab
 from dpolab import cli
-from dpolab.adapters import qlora_unavailable
-from dpolab.metrics import read_metrics
+from dpolab.evaluation.metrics import read_metrics
+from dpolab.models.adapters import qlora_unavailable
 
 
 def test_reference_on_cpu_trains_with_first_loss_ln2(run_config, tmp_path):
@@ -51,7 +51,7 @@ def test_qlora_loading_path_asks_for_nf4_and_prepares_for_kbit_training(tiny_mod
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from dpolab import adapters
+    from dpolab.models import adapters
 
     seen = {}
     real_load = AutoModelForCausalLM.from_pretrained

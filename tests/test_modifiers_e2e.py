@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 import dpolab
 from dpolab import cli
-from dpolab.metrics import read_metrics
-from dpolab.training import step_examples
+from dpolab.evaluation.metrics import read_metrics
+from dpolab.training.step import step_examples
 from tests.conftest import preference_rows, write_jsonl
 from tests.hand import pair_aligned, pair_logps, uneven_rows
 
@@ -214,11 +214,10 @@ def test_reference_free_training_builds_no_reference(loss, extra, tiny_model, pr
     """One model is loaded (the policy), none is copied, both reference strategies are NoReference, and the
     first loss is the formula with ref = 0: −logσ(β(π_c − π_r)) (reference-free DPO) or
     −logσ(β(π_c/n_c − π_r/n_r) − γ) (SimPO, β = 2, γ = 1)."""
-    import dpolab.setup as setup
-    import dpolab.training as training
     from transformers import AutoModelForCausalLM
 
-    from dpolab.reference import NoReference
+    import dpolab.builder as setup
+    from dpolab.models.reference import NoReference
 
     rows = preference_rows(64)
     batch = [rows[i] for i in step_examples(len(rows), 0, 8, 42)]
@@ -228,8 +227,8 @@ def test_reference_free_training_builds_no_reference(loss, extra, tiny_model, pr
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: (loads.append(a[0]), original_load(*a, **k))[1])
     monkeypatch.setattr(setup, "copy", types.SimpleNamespace(deepcopy=lambda m: copies.append(m) or m))
-    original_build = training.build_reference
-    monkeypatch.setattr(training, "build_reference", lambda *a, **k: refs.append(original_build(*a, **k)) or refs[-1])
+    original_build = setup.build_reference
+    monkeypatch.setattr(setup, "build_reference", lambda *a, **k: refs.append(original_build(*a, **k)) or refs[-1])
     dpolab.train(model=str(tiny_model), data=str(prefs), output_dir=str(tmp_path / loss), max_steps=1,
                  save_every=0, loss=loss, **TRAIN, **extra)
     assert len(loads) == 1 and not copies

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 import dpolab
 from dpolab import cli
-from dpolab import metrics as M
 from dpolab.errors import TrainingError
+from dpolab.evaluation import metrics as M
+from dpolab.evaluation.metrics import read_metrics
 from dpolab.losses import LOSSES, Loss, sigmoid
-from dpolab.metrics import read_metrics
 
 TRAIN = ["--batch-size", "4", "--max-steps", "14", "--save-every", "2", "--save-total-limit", "3",
          "--learning-rate", "1e-3", "--eval-split", "0", "--no-progress", "--lr-scheduler", "cosine"]
@@ -203,7 +203,7 @@ DISK_CASES = {
     # torch.save of the third checkpoint's optimizer state (calls 1-4 are the first two checkpoints)
     "checkpoint-torch": (lambda mp: mp.setattr(torch, "save", fails_on_call(torch.save, 5)), "checkpoints/step-3"),
     # safetensors of the third checkpoint's weights
-    "checkpoint-safetensors": (lambda mp: mp.setattr("dpolab.checkpoint.save_file",
+    "checkpoint-safetensors": (lambda mp: mp.setattr("dpolab.training.checkpoint.save_file",
                                                      fails_on_call(ckpt_save_file(), 5)), "checkpoints/step-3"),
     # the final model (transformers writes it with safetensors)
     "final": (lambda mp: mp.setattr("transformers.modeling_utils.safe_save_file",
@@ -218,7 +218,7 @@ DISK_CASES = {
 
 
 def ckpt_save_file():
-    import dpolab.checkpoint as ck
+    import dpolab.training.checkpoint as ck
 
     return ck.save_file
 
@@ -266,7 +266,7 @@ def test_an_unexpected_exception_is_one_paragraph_unless_debugging(monkeypatch, 
     def broken(config):
         return {}["steps"]
 
-    monkeypatch.setattr(dpolab, "train", broken)
+    monkeypatch.setattr(cli, "train", broken)
     with pytest.raises(KeyError):
         cli.main(["train", "--max-steps", "1"])
     monkeypatch.delenv("DPOLAB_DEBUG")
@@ -283,13 +283,13 @@ def test_half_written_checkpoint_is_ignored(run_config, tmp_path):
     broken = out / "checkpoints" / "step-3"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes(b"\0" * 10)  # no state.json: never completed
-    from dpolab.checkpoint import list_checkpoints
+    from dpolab.training.checkpoint import list_checkpoints
 
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-2"]
 
 
 def test_resume_conflicts_name_what_changes_the_trajectory():
-    from dpolab.checkpoint import resume_conflicts
+    from dpolab.training.resume import resume_conflicts
 
     saved = {"batch_size": 8, "seed": 42, "learning_rate": 1e-3, "loss": "sigmoid", "lr_scheduler": "cosine",
              "max_steps": 4, "epochs": 1.0, "eval_every": 0, "save_every": 2, "data": "d.jsonl"}
@@ -317,7 +317,7 @@ def test_resume_checks_settings_and_data_and_keeps_eval_before_and_skipped_steps
     shutil.rmtree(out / "final")  # as if killed after the step-2 checkpoint
     (out / "summary.json").unlink()
 
-    import dpolab.training as T
+    import dpolab.training.loop as T
 
     monkeypatch.setattr(T, "load_tokenizer", lambda *a: pytest.fail("a changed setting must be refused first"))
     with pytest.raises(dpolab.ConfigError, match=r"cannot resume: batch_size \(8 → 4\), seed \(42 → 1\) differ "

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpolab import metrics as M
+from dpolab.config import Config
+from dpolab.evaluation import metrics as M
 from dpolab.losses import LOSSES
 from dpolab.objective import build_objective
-from dpolab.config import Config
 
 DEFAULTS = {k: v for k, v in vars(Config()).items()}
 

@@ -47,7 +47,7 @@ def test_a_model_folder_with_custom_code_is_refused_and_its_code_never_runs(tiny
                   auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"})
     (model / "config.json").write_text(json.dumps(config))
     (model / "custom.py").write_text("import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('ran')\n")
-    from dpolab.setup import load_model
+    from dpolab.models.loading import load_model
 
     with pytest.raises(DpolabError, match="contains custom code .* unless you pass --trust-remote-code"):
         load_model(str(model))
@@ -72,7 +72,7 @@ def pickle_adapter(tiny_model, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from dpolab.setup import load_model
+    from dpolab.models.loading import load_model
 
     base = tmp_path / "pickle-base"
     base.mkdir()
@@ -89,7 +89,7 @@ def pickle_adapter(tiny_model, tmp_path):
 
 def test_merge_and_score_refuse_pickle_weights_unless_asked(pickle_adapter, tmp_path, capsys):
     base, adapter = pickle_adapter
-    from dpolab.adapters import load_merged
+    from dpolab.models.loading import load_merged
 
     with pytest.raises(DpolabError, match="safetensors only"):
         load_merged(str(adapter))

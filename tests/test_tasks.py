@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpolab.errors import ConfigError
-from dpolab.generate import sample, task_scores
-from dpolab.pairs import make_pairs, pair_rows, read_prompts
-from dpolab.task_eval import sampled_kl
+from dpolab.evaluation.generate import sample, task_scores
+from dpolab.evaluation.pairs import make_pairs, pair_rows, read_prompts
+from dpolab.evaluation.task_eval import sampled_kl
 from dpolab.tasks import Task, addition, load_reward, load_task
 
 PROMPTS = ["what is the cat?", "what is red?", "say yes", "pick one two three"]
@@ -141,7 +141,7 @@ def test_make_pairs_command_with_a_user_reward(tiny_model, tmp_path):
         assert row["prompt"] in PROMPTS
         assert len(row["chosen"]) == row["score_chosen"] > row["score_rejected"] == len(row["rejected"])
     # the written file trains as it is
-    from dpolab.data import load_records
+    from dpolab.data.reading import load_records
 
     assert len(load_records(str(out), False)) == len(rows)
 

@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from dpolab.data import Record, parse_row
+from dpolab.data.records import Record, parse_row
+from dpolab.data.tokenization import Tokenizer, tokenize_records
 from dpolab.errors import DataError
-from dpolab.tokenization import Tokenizer, tokenize_records
 
 
 @pytest.fixture(scope="module")

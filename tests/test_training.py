@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dpolab
-from dpolab.metrics import read_metrics
+from dpolab.evaluation.metrics import read_metrics
 
 
 def final_weights(out: str) -> dict:
@@ -118,8 +118,8 @@ def test_precomputed_reference_is_what_the_loss_consumes(run_config, tmp_path, o
 
 
 def test_changed_model_or_data_invalidates_the_cache(run_config, tmp_path, other_model, tiny_model):
-    from dpolab.reference import cache_key, model_fingerprint
-    from dpolab.tokenization import Example
+    from dpolab.data.records import Example
+    from dpolab.models.reference import cache_key, model_fingerprint
 
     ex = [Example(0, [1, 2], [[3], [4]])]
     s = {"max_length": 8}

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from dpolab.logps import SequenceLogps
+from dpolab.models.logps import SequenceLogps
 from dpolab.objective import build_objective
 from tests.hand import aligned_logps
 
@@ -35,9 +35,9 @@ def test_aligned_sums_of_the_chunked_pass_equal_the_full_distribution(tiny_model
     the log-probs it returns beside them are unchanged and keep their gradient."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpolab.batch import make_batch
-    from dpolab.tokenization import Tokenizer
-    from dpolab.data import Record
+    from dpolab.data.batch import make_batch
+    from dpolab.data.records import Record
+    from dpolab.data.tokenization import Tokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = [("what is red?", " red is good", " red is bad and the"), ("what is the sun?", " the sun", " no")]

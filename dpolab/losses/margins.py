@@ -40,17 +40,33 @@ def odpo_offset(score_gap: Tensor, alpha: float, transform: str) -> Tensor:
         raise ValueError(f"odpo_transform must be one of {', '.join(ODPO_TRANSFORMS)}, got {transform!r}")
     bad = score_gap <= 0 if transform == "log" else score_gap < 0
     if bool(bad.any()):
-        need = "> 0" if transform == "log" else ">= 0"
-        raise ValueError(f"odpo with odpo_transform={transform!r} needs a score gap (score_chosen − score_rejected, "
-                         f"or the margin column) {need} in every row, got {float(score_gap[bad][0])}: drop tied "
-                         "or reversed pairs" + (", or use odpo_transform='identity'" if transform == "log" else ""))
+        raise ValueError(odpo_gap_problem(float(score_gap[bad][0]), odpo_transform=transform))
     return alpha * (torch.log(score_gap) if transform == "log" else score_gap)
 
 
+def odpo_gap_problem(score_gap: float, *, odpo_alpha: float = 1.0, odpo_transform: str = "log") -> str | None:
+    """ODPO's ``margin_check``: why a row's score gap cannot give an offset, or None.
+
+    >>> odpo_gap_problem(0.0) is not None, odpo_gap_problem(0.0, odpo_transform="identity")
+    (True, None)
+    """
+    if score_gap > 0 or (score_gap == 0 and odpo_transform == "identity"):
+        return None
+    need = "> 0" if odpo_transform == "log" else ">= 0"
+    return (f"odpo with odpo_transform={odpo_transform!r} needs a score gap (score_chosen − score_rejected, or the "
+            f"margin column) {need} in every row, got {score_gap}: drop tied or reversed pairs"
+            + (", or use odpo_transform='identity'" if odpo_transform == "log" else ""))
+
+
 @register("odpo", columns=("margin",), params=("odpo_alpha", "odpo_transform"), f_divergence=True,
+          margin_check=odpo_gap_problem,
           paper="Amini et al. 2024, Direct Preference Optimization with an Offset (ODPO)",
           pick_when="Pairs with graded scores (score_chosen, score_rejected): demand a larger margin where the "
-                    "score gap is larger, so strongly preferred pairs are pushed further apart.")
+                    "score gap is larger, so strongly preferred pairs are pushed further apart.",
+          pinned_by=(("optimisation against the calculus root: the optimum margin exceeds the offset and DPO's",
+            'tests/test_losses_properties.py::test_odpo_optimum_margin_exceeds_the_offset_and_dpos'),
+           ('hand-worked values and the refusal of gaps log cannot take',
+            'tests/test_losses.py::test_odpo_hand')))
 def odpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
          ref_rejected_logps: Tensor, *, beta: float, margin: Tensor, odpo_alpha: float = 1.0,
          odpo_transform: str = "log") -> LossOutput:
@@ -71,7 +87,13 @@ def odpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
 @register("rdpo", needs_lengths=True, params=("rdpo_alpha",), f_divergence=True,
           paper="Park et al. 2024, Disentangling Length from Quality in Direct Preference Optimization (R-DPO)",
           pick_when="DPO is making answers longer: a longer chosen answer needs α per extra token less margin, "
-                    "so of two equally good answers the shorter is preferred.")
+                    "so of two equally good answers the shorter is preferred.",
+          pinned_by=(('optimisation: the tabular optimum prefers the shorter answer by exp(−α·Δn/β)',
+            'tests/test_losses_optimum.py::test_rdpo_tabular_optimum_prefers_the_shorter_answer'),
+           ('hand-worked values',
+            'tests/test_losses.py::test_rdpo_hand'),
+           ('policy = reference with n_c ≠ n_r',
+            'tests/test_losses.py::test_value_when_policy_equals_reference')))
 def rdpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
          ref_rejected_logps: Tensor, *, beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor,
          rdpo_alpha: float = 0.01) -> LossOutput:
@@ -90,7 +112,9 @@ def rdpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
 
 @register("dpop", params=("dpop_lambda",),
           paper="Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive",
-          pick_when="Pairs that differ by few tokens (maths, edits), where DPO lowers the chosen likelihood.")
+          pick_when="Pairs that differ by few tokens (maths, edits), where DPO lowers the chosen likelihood.",
+          pinned_by=(("optimisation along training: the chosen log-prob stays above the reference's where DPO's falls",
+            'tests/test_losses_properties.py::test_dpop_keeps_the_chosen_log_prob_above_the_reference_where_dpo_lets_it_fall'),))
 def dpop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
          ref_rejected_logps: Tensor, *, beta: float, dpop_lambda: float = 50.0) -> LossOutput:
     """DPO-Positive: ``L = −logσ(β·(Δ − λ·max(0, ref_c − π_c)))`` (λ = ``dpop_lambda``, 50 in the paper).
@@ -107,7 +131,9 @@ def dpop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
 @register("cal_dpo",
           paper="Xiao et al. 2024, Cal-DPO: Calibrated Direct Preference Optimization for Language Model Alignment",
           pick_when="Keep implicit rewards on an absolute scale (chosen up, rejected down), e.g. for reasoning "
-                    "data where DPO lets both likelihoods fall.")
+                    "data where DPO lets both likelihoods fall.",
+          pinned_by=(('calculus and optimisation: the optimum h_c = −h_r = 1/(2β) + σ(−Δ)/2',
+            'tests/test_losses_properties.py::test_cal_dpo_optimum_by_calculus'),))
 def cal_dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
             ref_rejected_logps: Tensor, *, beta: float) -> LossOutput:
     """Cal-DPO: ``L = −logσ(h_c − h_r) + (h_c − 1/(2β))² + (h_r + 1/(2β))²``.
@@ -128,7 +154,11 @@ def cal_dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chos
 @register("rebel", columns=("margin",), default_beta=1.0,
           paper="Gao et al. 2024, REBEL: Reinforcement Learning via Regressing Relative Rewards",
           pick_when="Pairs with real-valued reward scores (a reward model, a verifier): regress the margin onto "
-                    "the score gap instead of only ordering the pair; the pair may come in either order.")
+                    "the score gap instead of only ordering the pair; the pair may come in either order.",
+          pinned_by=(('optimisation: least squares regresses βΔ onto the score gap, optimum π_ref·exp(r/β)/Z',
+            'tests/test_losses_optimum.py::test_rebel_tabular_optimum_regresses_the_margin_onto_the_score_gap'),
+           ('hand-worked values and gradient',
+            'tests/test_losses.py::test_rebel_hand')))
 def rebel(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
           ref_rejected_logps: Tensor, *, beta: float, margin: Tensor) -> LossOutput:
     """REBEL: ``L = ((h_c − h_r)/η − (s_c − s_r))²`` with η = 1/β, i.e. ``L = (β·Δ − (s_c − s_r))²``; the

@@ -1,27 +1,20 @@
-"""Modifiers the trainer applies around the losses: combinations, f-divergences, WPO weights, LD-DPO
-log-probs, TR-DPO reference updates and BCO's running reward mean. All pure functions of tensors.
+"""Modifiers the trainer applies around the losses: f-divergences, WPO weights, TR-DPO reference updates
+and BCO's running reward mean. All pure functions of tensors. (Several losses at once are combined by
+:class:`dpolab.objective.Objective`; LD-DPO's token weights are applied inside the log-prob pass,
+:func:`dpolab.models.logps.ld_weights`.)
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
-from dpolab.losses.registry import LOSSES, Loss, Tensor
+from dpolab.losses.registry import Loss, Tensor
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-
-def combine(per_example_losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """``Σ_k w_k · mean(loss_k)``: several losses at once (RPO = sigmoid + sft; MPO = sigmoid + bco_pair +
-    sft). Each ``loss_k`` is (B,) (unpaired: (B,) too); the result is a scalar. TRL 1.16's ``loss_weights``.
-    """
-    if len(per_example_losses) != len(weights):
-        raise ValueError(f"{len(per_example_losses)} losses but {len(weights)} weights")
-    return sum(w * loss.mean() for loss, w in zip(per_example_losses, weights))
 
 
 def f_divergence_logratios(logratios: Tensor, f_divergence_type: str = "reverse_kl",
@@ -70,66 +63,6 @@ def f_divergence_inputs(loss: Loss, policy_chosen_logps: Tensor, policy_rejected
     return f_c, f_r, torch.zeros_like(f_c), torch.zeros_like(f_r)
 
 
-class Setting(NamedTuple):
-    """A setting that a modifier (not a loss's own ``params``) reads, and when: ``applies(losses, settings)``
-    reads only the selected losses' declarations and the other settings, never a loss name."""
-
-    name: str
-    applies: Callable[[Sequence[Loss], Mapping[str, Any]], bool]
-    needs: str  # what makes it apply, for the error message
-
-
-def _uses_ref(losses: Sequence[Loss], settings: Mapping[str, Any]) -> bool:
-    return any(loss.needs_ref for loss in losses) and not settings.get("reference_free")
-
-
-MODIFIER_SETTINGS = (
-    Setting("use_weighting", lambda ls, s: all(x.data == "paired" and x.row_weights for x in ls),
-            "paired losses whose row i is example i (WPO weights each pair; a loss that sorts rows over the "
-            "batch has no pair per row)"),
-    Setting("ld_alpha", lambda ls, s: all(x.data == "paired" for x in ls),
-            "paired losses (LD-DPO down-weights a pair's tokens past its shorter answer)"),
-    Setting("f_divergence_type", lambda ls, s: any(x.needs_ref and x.f_divergence for x in ls),
-            "a loss with a reference model that accepts f-divergences"),
-    Setting("f_alpha_divergence_coef", lambda ls, s: s.get("f_divergence_type") == "alpha_divergence",
-            "f_divergence_type alpha_divergence"),
-    Setting("bco_running_delta", lambda ls, s: any("delta" in x.state for x in ls),
-            "a loss that keeps a running δ (state 'delta')"),
-    Setting("unpair", lambda ls, s: all(x.data == "unpaired" for x in ls),
-            "a loss on unpaired rows (pairs are then split into a desirable and an undesirable row)"),
-    Setting("reference_free", lambda ls, s: any(x.needs_ref for x in ls),
-            "a loss with a reference model (the others never build one)"),
-    Setting("sync_ref_model", _uses_ref, "a loss with a reference model (TR-DPO moves it)"),
-    Setting("ref_model_mixup_alpha", lambda ls, s: bool(s.get("sync_ref_model")), "sync_ref_model (TR-DPO)"),
-    Setting("ref_model_sync_steps", lambda ls, s: bool(s.get("sync_ref_model")), "sync_ref_model (TR-DPO)"),
-)
-
-
-def unused_settings(losses: Sequence[Loss], settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
-    """One message per setting that differs from its default although nothing selected reads it, so that no
-    option is accepted and silently ignored: a hyper-parameter no selected loss declares in ``params``, or a
-    :data:`MODIFIER_SETTINGS` entry whose condition fails. Read from the declarations only.
-
-    >>> unused_settings([LOSSES["ipo"]], {"label_smoothing": 0.1}, {"label_smoothing": 0.0})[0][:55]
-    'label_smoothing = 0.1 has no effect with --loss ipo: no'
-    """
-    chosen = ",".join(loss.name for loss in losses)
-    messages = []
-    params = sorted({p for loss in LOSSES.values() for p in loss.params})
-    for p in params:
-        if p in settings and settings[p] != defaults.get(p) and not any(p in loss.params for loss in losses):
-            readers = ", ".join(n for n, loss in LOSSES.items() if p in loss.params)
-            messages.append(f"{p} = {settings[p]!r} has no effect with --loss {chosen}: no selected loss takes "
-                            f"it (losses that do: {readers})")
-    for setting in MODIFIER_SETTINGS:
-        value = settings.get(setting.name, defaults.get(setting.name))
-        if value != defaults.get(setting.name) and not setting.applies(losses, settings):
-            readers = [n for n, loss in LOSSES.items() if setting.applies([loss], settings)]
-            messages.append(f"{setting.name} = {value!r} has no effect with --loss {chosen}: it needs "
-                            f"{setting.needs}" + (f" (losses that qualify: {', '.join(readers)})" if readers else ""))
-    return messages
-
-
 def wpo_weights(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
                 rejected_lengths: Tensor, *, chosen_log_sum_sq_probs: Tensor | None = None,
                 rejected_log_sum_sq_probs: Tensor | None = None) -> Tensor:
@@ -152,50 +85,6 @@ def wpo_weights(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chos
         a_c = (policy_chosen_logps - s_c) / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1.0)
         a_r = (policy_rejected_logps - s_r) / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1.0)
         return torch.exp(a_c) * torch.exp(a_r)  # (B,)
-
-
-def ld_pair_logps(chosen_token_logps: Tensor, chosen_mask: Tensor, rejected_token_logps: Tensor,
-                  rejected_mask: Tensor, *, ld_alpha: float) -> tuple[Tensor, Tensor]:
-    """LD-DPO sequence log-probs: tokens up to the pair's public length ``l_p = min(n_c, n_r)`` count fully,
-    later ("verbose") tokens are scaled by α: ``π̂ = Σ_{t ≤ l_p} log p_t + α·Σ_{t > l_p} log p_t``.
-
-    Liu et al. 2024, Length Desensitization in DPO (LD-DPO). Inputs: per-token log-probs (B, T_c), (B, T_r)
-    aligned with their completion masks (1 on completion tokens, which may start after a prompt or padding;
-    t counts completion tokens only). Apply it to the policy AND the reference token log-probs with the same
-    α (a precomputed reference must be computed with it), then call any paired loss on the results.
-    α = 1 gives the plain sums; α = 0 drops the verbose tail. TRL 1.16: same (``ld_alpha``).
-    """
-    if not 0.0 <= ld_alpha <= 1.0:
-        raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
-    pos_c = chosen_mask.cumsum(-1)  # (B, T_c): 1-based position among completion tokens
-    pos_r = rejected_mask.cumsum(-1)
-    shared = torch.minimum(pos_c[:, -1], pos_r[:, -1]).unsqueeze(-1)  # (B, 1)
-
-    def weighted(token_logps: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
-        m = mask.to(token_logps.dtype)
-        scale = torch.where(pos <= shared, 1.0, ld_alpha).to(token_logps.dtype)
-        return (token_logps * m * scale).sum(-1)  # (B,)
-
-    return weighted(chosen_token_logps, chosen_mask, pos_c), weighted(rejected_token_logps, rejected_mask, pos_r)
-
-
-def tr_dpo_update(ref_params: Mapping[str, Tensor], policy_params: Mapping[str, Tensor], *,
-                  ref_model_mixup_alpha: float = 0.6) -> dict[str, Tensor]:
-    """TR-DPO soft reference update, as new tensors: ``ref ← α·π + (1 − α)·ref`` for every parameter.
-
-    Gorbatovski et al. 2024, Learn Your Reference Model for Real Good Alignment (TR-DPO); α = 1 is the hard
-    update (copy the policy). The trainer calls it every ``ref_model_sync_steps`` (τ, 512) optimizer steps.
-    Inputs: two state dicts (or ``named_parameters()`` mappings) with the same keys; non-float entries
-    (buffers of ints) are copied from the policy. TRL 1.16: same α (``ref_model_mixup_alpha`` = 0.6) and τ.
-    """
-    if ref_params.keys() != policy_params.keys():
-        raise ValueError("reference and policy parameters have different names")
-    a = ref_model_mixup_alpha
-    out = {}
-    for k, ref in ref_params.items():
-        pol = policy_params[k].detach().to(ref.device)
-        out[k] = a * pol.to(ref.dtype) + (1 - a) * ref.detach() if ref.is_floating_point() else pol.clone()
-    return out
 
 
 @torch.no_grad()

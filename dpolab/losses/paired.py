@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dpolab.losses.registry import LossOutput, Tensor, register, rewards
+from dpolab.losses.registry import TRL_DPO_CODE, LossOutput, Tensor, register, rewards
 
 
 def _logratios(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,7 +28,16 @@ def _per_token(h: Tensor, lengths: Tensor) -> Tensor:
 @register("sigmoid", params=("label_smoothing",), trl_name="DPOTrainer loss_type='sigmoid'", f_divergence=True,
           paper="Rafailov et al. 2023, Direct Preference Optimization (cDPO: Mitchell 2023)",
           pick_when="The default for paired preferences (prompt, chosen, rejected); with label_smoothing > 0 "
-                    "(cDPO) when some labels are likely flipped.")
+                    "(cDPO) when some labels are likely flipped.",
+          pinned_by=(TRL_DPO_CODE,
+           ('the closed-form gradient −β·σ(−βΔ)',
+            'tests/test_losses.py::test_dpo_gradient_closed_form'),
+           ('optimisation: the tabular optimum π_ref·exp(r/β)/Z',
+            'tests/test_losses_optimum.py::test_dpo_population_minimiser_is_the_closed_form'),
+           ('optimisation: cDPO (ε > 0) stops at βΔ = log((1−ε)/ε)',
+            'tests/test_losses_optimum.py::test_cdpo_optimum_stops_at_log_odds_of_the_label_noise'),
+           ('calculus: the β limits (gradient −β/2 at π_ref)',
+            'tests/test_losses_properties.py::test_dpo_beta_limits')))
 def sigmoid(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
             ref_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
     """DPO: ``L = −logσ(βΔ)``; with label smoothing ε > 0, conservative DPO:
@@ -53,7 +62,8 @@ def sigmoid(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chos
 @register("robust", params=("label_smoothing",), trl_name="DPOTrainer loss_type='robust'", f_divergence=True,
           paper="Chowdhury et al. 2024, Provably Robust DPO",
           pick_when="Noisy preference labels with a known flip rate ε (label_smoothing, e.g. 0.1): an unbiased "
-                    "estimate of the clean DPO loss.")
+                    "estimate of the clean DPO loss.",
+          pinned_by=(TRL_DPO_CODE,))
 def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
            ref_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
     """Robust DPO: ``L = [−(1−ε)·logσ(βΔ) + ε·logσ(−βΔ)] / (1−2ε)``, 0 ≤ ε < 0.5 (``label_smoothing``).
@@ -73,7 +83,8 @@ def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chose
 
 @register("hinge", trl_name="DPOTrainer loss_type='hinge'", f_divergence=True,
           paper="Zhao et al. 2023, SLiC-HF",
-          pick_when="A margin loss: stops pushing a pair once βΔ ≥ 1; less over-optimisation on easy pairs.")
+          pick_when="A margin loss: stops pushing a pair once βΔ ≥ 1; less over-optimisation on easy pairs.",
+          pinned_by=(TRL_DPO_CODE,))
 def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
           ref_rejected_logps: Tensor, *, beta: float) -> LossOutput:
     """SLiC hinge: ``L = max(0, 1 − βΔ)`` (β plays the inverse margin 1/δ).
@@ -88,7 +99,8 @@ def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen
 @register("ipo", needs_lengths=True, trl_name="DPOTrainer loss_type='ipo'", f_divergence=True,
           paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences",
           pick_when="Small data (a few hundred pairs) or near-deterministic preferences, where DPO "
-                    "over-fits: IPO regresses the per-token margin Δ̄ to a finite target 1/(2β).")
+                    "over-fits: IPO regresses the per-token margin Δ̄ to a finite target 1/(2β).",
+          pinned_by=(TRL_DPO_CODE,))
 def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
         ref_rejected_logps: Tensor, *, beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor) -> LossOutput:
     """IPO: ``L = (Δ̄ − 1/(2β))²`` with the per-token ``Δ̄ = h_c/n_c − h_r/n_r``; β plays the paper's τ.
@@ -107,7 +119,8 @@ def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
 @register("sigmoid_norm", needs_lengths=True, trl_name="DPOTrainer loss_type='sigmoid_norm'", f_divergence=True,
           paper="Length-normalised DPO (as in SimPO's ablations, Meng et al. 2024)",
           pick_when="DPO when chosen answers are systematically longer than rejected ones and you want to "
-                    "remove the length incentive; needs a larger β (the margin is per token).")
+                    "remove the length incentive; needs a larger β (the margin is per token).",
+          pinned_by=(TRL_DPO_CODE,))
 def sigmoid_norm(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
                  ref_rejected_logps: Tensor, *, beta: float, chosen_lengths: Tensor,
                  rejected_lengths: Tensor) -> LossOutput:
@@ -119,7 +132,8 @@ def sigmoid_norm(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref
 
 @register("exo_pair", params=("exo_epsilon",), trl_name="DPOTrainer loss_type='exo_pair'", f_divergence=True,
           paper="Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (EXO)",
-          pick_when="Mode-seeking alternative to DPO (reverse KL to the preference distribution); pairs data.")
+          pick_when="Mode-seeking alternative to DPO (reverse KL to the preference distribution); pairs data.",
+          pinned_by=(TRL_DPO_CODE,))
 def exo_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, *, beta: float, exo_epsilon: float = 1e-3) -> LossOutput:
     """EXO-pref: with ``q = σ(βΔ)`` and label smoothing ε > 0 (``exo_epsilon``):
@@ -142,7 +156,8 @@ def exo_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 @register("nca_pair", trl_name="DPOTrainer loss_type='nca_pair'",
           paper="Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards",
           pick_when="When DPO lowers the chosen likelihood too: NCA scores each answer on its own and keeps "
-                    "the chosen log-prob from falling.")
+                    "the chosen log-prob from falling.",
+          pinned_by=(TRL_DPO_CODE,))
 def nca_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, *, beta: float) -> LossOutput:
     """NCA (pairwise): ``L = −logσ(βh_c) − ½·logσ(−βh_c) − ½·logσ(−βh_r)``.
@@ -158,7 +173,8 @@ def nca_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 @register("bco_pair", state=("delta",), trl_name="DPOTrainer loss_type='bco_pair'",
           paper="Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment",
           pick_when="Pairs treated as two independent thumbs (up for chosen, down for rejected); a bridge to "
-                    "BCO on unpaired data, and one term of MPO.")
+                    "BCO on unpaired data, and one term of MPO.",
+          pinned_by=(TRL_DPO_CODE,))
 def bco_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, *, beta: float, delta: float | Tensor = 0.0) -> LossOutput:
     """BCO on pairs: ``L = −logσ(βh_c − δ) − logσ(−(βh_r − δ))``.
@@ -176,7 +192,8 @@ def bco_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
 @register("sppo_hard", trl_name="DPOTrainer loss_type='sppo_hard'",
           paper="Wu et al. 2024, Self-Play Preference Optimization (hard-label variant)",
-          pick_when="Iterative self-play rounds with a winner and a loser; regresses each log-ratio to ±1/(2β).")
+          pick_when="Iterative self-play rounds with a winner and a loser; regresses each log-ratio to ±1/(2β).",
+          pinned_by=(TRL_DPO_CODE,))
 def sppo_hard(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
               ref_rejected_logps: Tensor, *, beta: float) -> LossOutput:
     """SPPO with hard win probabilities (P = 1 for the winner, 0 for the loser):
@@ -197,7 +214,8 @@ def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
           trl_name="DPOTrainer loss_type='aot'",
           paper="Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
           pick_when="Distributional alignment: the chosen log-ratio distribution should dominate the rejected "
-                    "one over the batch; needs large batches.")
+                    "one over the batch; needs large batches.",
+          pinned_by=(TRL_DPO_CODE,))
 def aot(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
         ref_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
     """AOT (paired): sort over the batch ``u = sort(π_c − π_r)`` and ``v = sort(ref_c − ref_r)``, then the
@@ -216,7 +234,8 @@ def aot(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
 @register("aot_unpaired", params=("label_smoothing",), batch_coupled=True, row_weights=False,
           trl_name="DPOTrainer loss_type='aot_unpaired'",
           paper="Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
-          pick_when="AOT when the chosen and rejected answers of a row are not really a matched pair.")
+          pick_when="AOT when the chosen and rejected answers of a row are not really a matched pair.",
+          pinned_by=(TRL_DPO_CODE,))
 def aot_unpaired(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
                  ref_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
     """AOT (unpaired): sort ``h_c`` and ``h_r`` separately over the batch, ``d = sort(h_c) − sort(h_r)``,
@@ -234,7 +253,8 @@ def aot_unpaired(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref
 
 @register("apo_zero", trl_name="DPOTrainer loss_type='apo_zero'",
           paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization (APO-zero)",
-          pick_when="The chosen answers are better than what the model writes now: raise chosen, lower rejected.")
+          pick_when="The chosen answers are better than what the model writes now: raise chosen, lower rejected.",
+          pinned_by=(TRL_DPO_CODE,))
 def apo_zero(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, *, beta: float) -> LossOutput:
     """APO-zero: ``L = (1 − σ(βh_c)) + σ(βh_r)``. D'Oosterlinck et al. 2024, eq. 7. TRL 1.16: same."""
@@ -245,7 +265,8 @@ def apo_zero(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
 @register("apo_down", trl_name="DPOTrainer loss_type='apo_down'",
           paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization (APO-down)",
-          pick_when="The chosen answers are worse than what the model writes now: lower both, the rejected more.")
+          pick_when="The chosen answers are worse than what the model writes now: lower both, the rejected more.",
+          pinned_by=(TRL_DPO_CODE,))
 def apo_down(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, *, beta: float) -> LossOutput:
     """APO-down: ``L = σ(βh_c) + (1 − σ(βΔ))``. D'Oosterlinck et al. 2024, eq. 8. TRL 1.16: same."""
@@ -256,7 +277,8 @@ def apo_down(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
 @register("discopop", params=("discopop_tau",), trl_name="DPOTrainer loss_type='discopop'", f_divergence=True,
           paper="Chan et al. 2024, Discovering Preference Optimization Algorithms with LLMs (DiscoPOP / LRML)",
-          pick_when="A discovered blend of the logistic and exponential losses; a drop-in for DPO on pairs.")
+          pick_when="A discovered blend of the logistic and exponential losses; a drop-in for DPO on pairs.",
+          pinned_by=(TRL_DPO_CODE,))
 def discopop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, *, beta: float, discopop_tau: float = 0.05) -> LossOutput:
     """DiscoPOP (log-ratio modulated loss): ``z = βΔ``, ``m = σ(z/τ)``,

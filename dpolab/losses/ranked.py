@@ -10,7 +10,11 @@ from dpolab.losses.registry import LossOutput, Tensor, register, rewards
 @register("plackett_luce", data="ranked",
           paper="Rafailov et al. 2023, Direct Preference Optimization, App. A.3 (Plackett–Luce)",
           pick_when="Rankings of K > 2 answers per prompt (or scored lists): uses every answer in one pass; "
-                    "with K = 2 it is DPO.")
+                    "with K = 2 it is DPO.",
+          pinned_by=(('optimisation over all 6 rankings of K = 3: the optimum π_ref·exp(r/β)/Z',
+            'tests/test_losses_optimum.py::test_plackett_luce_k3_population_minimiser_is_the_closed_form'),
+           ('K = 2 equals sigmoid',
+            'tests/test_losses.py::test_plackett_luce_with_two_equals_sigmoid')))
 def plackett_luce(policy_logps: Tensor, ref_logps: Tensor, *, beta: float) -> LossOutput:
     """DPO under the Plackett–Luce model: with ``z_k = β·h_k`` (k = 1 best … K worst),
     ``L = −Σ_{k=1}^{K−1} [z_k − log Σ_{j=k}^{K} exp(z_j)]`` (logsumexp over the answers not yet placed).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpolab.losses.registry import LossOutput, Tensor, register, rewards, token_mean_nll
+from dpolab.losses.registry import TRL_DPO_CODE, LossOutput, Tensor, register, rewards, token_mean_nll
 
 
 def _mean_logp(logps: Tensor, lengths: Tensor) -> Tensor:
@@ -26,7 +26,9 @@ def log1mexp(x: Tensor) -> Tensor:
 @register("simpo", needs_ref=False, needs_lengths=True, own_reward=True, params=("simpo_gamma",), default_beta=2.0,
           trl_name="CPOTrainer loss_type='simpo' with cpo_alpha=0",
           paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward",
-          pick_when="Tight memory (no reference model) on paired data; strong on chat benchmarks; needs β ≈ 2.")
+          pick_when="Tight memory (no reference model) on paired data; strong on chat benchmarks; needs β ≈ 2.",
+          pinned_by=(("TRL 1.16's CPOTrainer loss code (value and gradient)",
+            'tests/test_losses_trl.py::test_cpo_trainer_losses'),))
 def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
           ref_rejected_logps: Tensor | None = None, *, beta: float, chosen_lengths: Tensor,
           rejected_lengths: Tensor, simpo_gamma: float = 1.0) -> LossOutput:
@@ -47,7 +49,9 @@ def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen
           batch_coupled=True, trl_name="CPOTrainer loss_type='sigmoid'",
           paper="Xu et al. 2024, Contrastive Preference Optimization (CPO)",
           pick_when="Tight memory on paired data where the chosen answers are good references (e.g. "
-                    "translation): a preference term plus likelihood on the chosen answers.")
+                    "translation): a preference term plus likelihood on the chosen answers.",
+          pinned_by=(("TRL 1.16's CPOTrainer loss code (value and gradient)",
+            'tests/test_losses_trl.py::test_cpo_trainer_losses'),))
 def cpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
         ref_rejected_logps: Tensor | None = None, *, beta: float, chosen_lengths: Tensor,
         rejected_lengths: Tensor, label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> LossOutput:
@@ -68,7 +72,9 @@ def cpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
 @register("orpo", needs_ref=False, needs_lengths=True, own_reward=True, batch_coupled=True, trl_name="ORPOTrainer",
           paper="Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model",
           pick_when="One stage instead of SFT then DPO, with tight memory (no reference): SFT on the chosen "
-                    "answers plus an odds-ratio penalty on the rejected.")
+                    "answers plus an odds-ratio penalty on the rejected.",
+          pinned_by=(("TRL 1.16's ORPOTrainer loss code (value and gradient)",
+            'tests/test_losses_trl.py::test_orpo_matches_trl_with_one_token_prompts'),))
 def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
          ref_rejected_logps: Tensor | None = None, *, beta: float, chosen_lengths: Tensor,
          rejected_lengths: Tensor) -> LossOutput:
@@ -103,7 +109,9 @@ def alphapo_reward(mean_logps: Tensor, alpha: float) -> Tensor:
           default_beta=2.0, trl_name="CPOTrainer loss_type='alphapo' (alpha=...)",
           paper="Gupta et al. 2025, AlphaPO: Reward Shape Matters for LLM Alignment",
           pick_when="SimPO with a reshaped reward: α > 0 curbs likelihood displacement (chosen log-probs "
-                    "falling) at the cost of a slower margin.")
+                    "falling) at the cost of a slower margin.",
+          pinned_by=(("TRL 1.16's CPOTrainer loss code (value and gradient)",
+            'tests/test_losses_trl.py::test_cpo_trainer_losses'),))
 def alphapo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
             ref_rejected_logps: Tensor | None = None, *, beta: float, chosen_lengths: Tensor,
             rejected_lengths: Tensor, simpo_gamma: float = 1.0, alphapo_alpha: float = 0.25) -> LossOutput:
@@ -127,7 +135,8 @@ def alphapo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chos
 @register("sft", needs_ref=False, needs_lengths=True, batch_coupled=True, trl_name="DPOTrainer loss_type='sft'",
           paper="Supervised fine-tuning NLL on the chosen answers (RPO: Pang et al. 2024; MPO: Wang et al. 2024)",
           pick_when="Never alone on preference data; combined with a preference loss (sigmoid,sft = RPO) to "
-                    "keep the chosen likelihood up.")
+                    "keep the chosen likelihood up.",
+          pinned_by=(TRL_DPO_CODE,))
 def sft(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
         ref_rejected_logps: Tensor | None = None, *, beta: float, chosen_lengths: Tensor,
         rejected_lengths: Tensor) -> LossOutput:

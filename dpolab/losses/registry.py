@@ -29,8 +29,14 @@ function needs, so the trainer reads declarations and never branches on a name:
 - ``own_reward``: the loss optimises a reward of its own (SimPO's β·π/n, AlphaPO's shaped reward, ORPO's
   log-odds, CPO's β·π), returned as its second and third outputs; the metrics report it instead of β·h
   (SPEC §1). With several losses, the first listed loss that declares one sets the reported reward.
+- ``margin_check``: for losses reading the ``margin`` column, ``(margin, **params) → str | None``: why a
+  row's value cannot be used (ODPO's log of a gap ≤ 0), so the builder refuses the row, naming it, before any
+  model is loaded.
 - ``label_advice``: for unpaired losses, ``(n_desirable, n_undesirable, **params) → str | None``, a warning
   when the label balance makes the loss's parameters a poor fit (KTO's weights), given at setup.
+- ``pinned_by``: the independent checks that pin the loss, as (what it is checked against, "file::test"):
+  TRL's code, a closed form, an optimisation, calculus; docs/losses.md lists them and a test checks that
+  every loss has one and that each test exists.
 - ``paper``, ``trl_name`` (the TRL 1.16 trainer/loss with the same formula, if any), ``default_beta`` (the
   paper's β when it differs from 0.1), ``pick_when`` (one line of advice for the docs).
 """
@@ -64,6 +70,8 @@ class Loss:
     batch_coupled: bool = False
     row_weights: bool = True
     own_reward: bool = False
+    margin_check: Callable[..., str | None] | None = None
+    pinned_by: tuple[tuple[str, str], ...] = ()
     label_advice: Callable[..., str | None] | None = None
     paper: str = ""
     trl_name: str | None = None  # the TRL 1.16 trainer/loss computing the same formula, if any
@@ -86,6 +94,9 @@ class Loss:
 
 
 LOSSES: dict[str, Loss] = {}
+# The check that pins most of TRL's DPOTrainer losses (a ``pinned_by`` entry).
+TRL_DPO_CODE = ("TRL 1.16's DPOTrainer loss code on the same log-probs (value and gradient)",
+                "tests/test_losses_trl.py::test_dpo_trainer_losses")
 
 
 def register(name: str, **declaration) -> Callable:

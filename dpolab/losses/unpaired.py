@@ -69,7 +69,9 @@ def kto_label_warning(n_desirable: int, n_undesirable: int, *, desirable_weight:
           params=("desirable_weight", "undesirable_weight"), trl_name="KTOTrainer loss_type='kto'",
           paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization",
           pick_when="Thumbs up / thumbs down data (no pairs), or very imbalanced good/bad counts; weight the "
-                    "rarer side (see kto_weight_advice).")
+                    "rarer side (see kto_weight_advice).",
+          pinned_by=(("TRL 1.16's KTOTrainer loss code (value and gradient)",
+            'tests/test_losses_trl.py::test_kto_matches_trl'),))
 def kto(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, *, beta: float, kl_policy_logps: Tensor,
         kl_ref_logps: Tensor, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossOutput:
     """KTO: with ``h = π − ref`` and the reference point ``z`` (:func:`kto_kl_estimate`):
@@ -91,7 +93,9 @@ def kto(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, *, beta: float,
 @register("bco", data="unpaired", state=("delta",),
           paper="Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment",
           pick_when="Thumbs up / thumbs down data: a logistic classifier on the implicit reward, with the "
-                    "running reward mean as threshold.")
+                    "running reward mean as threshold.",
+          pinned_by=(('calculus and optimisation: a calibrated classifier with its boundary at βh = δ',
+            'tests/test_losses_properties.py::test_bco_is_a_calibrated_classifier_with_its_boundary_at_delta'),))
 def bco(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, *, beta: float,
         delta: float | Tensor = 0.0) -> LossOutput:
     """BCO: desirable ``−logσ(βh − δ)``, undesirable ``−logσ(−(βh − δ))``; δ = running mean of βh.

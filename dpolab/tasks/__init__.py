@@ -11,24 +11,15 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
-Reward = Callable[[str, str], float]
+from dpolab.tasks import addition
+from dpolab.tasks.task import Reward, Task
 
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    train_prompts: Sequence[str]
-    eval_prompts: Sequence[str]
-    reward: Reward  # (prompt, completion text without EOS) -> float
-    description: str = ""
+__all__ = ["Reward", "Task", "builtin_tasks", "load_object", "load_reward", "load_task"]
 
 
 def builtin_tasks() -> dict[str, Callable[[], Task]]:
-    from dpolab.tasks import addition
-
     return {"addition": addition.task}
 
 

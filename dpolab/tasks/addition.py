@@ -18,7 +18,7 @@ import random
 import re
 from functools import lru_cache
 
-from dpolab.tasks import Task
+from dpolab.tasks.task import Task
 
 PROMPT = re.compile(r"^(\d+)\+(\d+)=$")
 NUM_EVAL, NUM_TRAIN = 500, 3600  # the rest (4,000) is the supervised fine-tuning set

@@ -5,7 +5,7 @@ that predict a completion token), in chunks of ``chunk`` tokens, so the [N, T, V
 exist. With gradients on, each chunk is checkpointed: backward recomputes that chunk's logits instead of
 keeping every chunk's alive, so peak logits memory is one chunk × V, whatever the sequence length.
 
-Layouts that put several sequences in a row (:mod:`dpolab.batch`) describe who sees whom by segment and
+Layouts that put several sequences in a row (:mod:`dpolab.data.batch`) describe who sees whom by segment and
 branch ids; :data:`ATTENTION_MASKS` turns them into the mask form the model's attention implementation
 takes. Transformers passes a 4D mask to the attention function untouched, so the form matters: SDPA reads
 a bool mask (True = attend) in any dtype, eager *adds* the mask to the scores (a bool mask there would
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dpolab.batch import dense_visible, visible
+from dpolab.data.batch import dense_visible, visible
 from dpolab.errors import ConfigError
 
 Tensor = torch.Tensor

@@ -1,5 +1,6 @@
-"""What multi-process runs need beyond Accelerate: sharing precomputed reference log-probs, gathering
-full weights from sharded engines (FSDP, DeepSpeed ZeRO-3), and refusing what is not supported there.
+"""What multi-process runs need beyond Accelerate: gathering full weights from sharded engines (FSDP,
+DeepSpeed ZeRO-3), and refusing what is not supported there (precomputed reference log-probs are shared by
+:func:`dpolab.models.reference.shared_table`).
 
 Every function here is called by *all* processes (they contain collectives), never by the main one alone.
 """
@@ -8,13 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 from dpolab.errors import ConfigError
-from dpolab.guard import writing
-from dpolab.reference import read_cache, write_cache
 
 log = logging.getLogger("dpolab")
 Tensor = torch.Tensor
@@ -58,34 +56,6 @@ def check_supported(accelerator, save_every: int, resume: bool, grad_accum: int,
                           "(DeepSpeed scales the loss by its own accumulation count)")
 
 
-def shared_table(accelerator, cache_dir: Path, key: str, shape: tuple[int, int], compute_share) -> Tensor:
-    """The reference log-prob table for ``key``, the same on every process.
-
-    The main process looks in the cache; if it finds the table it is broadcast (no shared file system is
-    needed). Otherwise each process computes its share (``compute_share()``: its rows, zeros elsewhere),
-    the shares are summed over processes, and the main process writes the cache.
-    """
-    from accelerate.utils import broadcast, broadcast_object_list
-
-    table = read_cache(cache_dir, key) if accelerator.is_main_process else None
-    if accelerator.num_processes == 1:
-        if table is None:
-            table = compute_share()
-            with writing(cache_dir, None):
-                write_cache(cache_dir, key, table)
-        return table
-    found = broadcast_object_list([table is not None])[0]
-    if found:
-        buffer = table if table is not None else torch.zeros(shape)
-        return broadcast(buffer.to(accelerator.device)).cpu()
-    table = accelerator.reduce(compute_share().to(accelerator.device), "sum").cpu()  # rows are disjoint: exact
-    if accelerator.is_main_process:
-        with writing(cache_dir, None):
-            write_cache(cache_dir, key, table)
-    accelerator.wait_for_everyone()
-    return table
-
-
 def full_state_dict(accelerator, policy) -> dict[str, Tensor] | None:
     """The policy model's full weights (keys as the Hugging Face model names them) under a sharding engine,
     gathered on the main process; None when the unwrapped model already holds its full weights.
@@ -98,7 +68,7 @@ def full_state_dict(accelerator, policy) -> dict[str, Tensor] | None:
     if kind == "ddp":
         return None
     if kind == "fsdp":  # a collective: every process takes part
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # deferred: FSDP only
 
         state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:

@@ -19,7 +19,7 @@ completion's last token is scored but is not an input (no scored token comes aft
 - ``packed``: prefix-shared segments packed into rows of at most ``row_tokens`` tokens
   (:func:`collate_packed`); padding remains only at the end of rows.
 
-``prefix`` and ``packed`` carry ``segment_ids`` and ``branch_ids``; :mod:`dpolab.logps` turns them into
+``prefix`` and ``packed`` carry ``segment_ids`` and ``branch_ids``; :mod:`dpolab.models.logps` turns them into
 the attention mask the model's attention implementation takes.
 """
 
@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from dpolab.errors import ConfigError
-from dpolab.tokenization import Example
+from dpolab.data.records import Example
 
 Tensor = torch.Tensor
 
@@ -265,3 +265,16 @@ def make_batch(examples: list[Example], pad_id: int, layout: str = DEFAULT_LAYOU
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     return LAYOUTS[layout](examples, pad_id, row_tokens)
+
+
+@dataclass(frozen=True)
+class Collate:
+    """The collate function of a run, built once: examples → :class:`Batch` in its layout, with its pad id
+    and packed-row budget."""
+
+    pad_id: int
+    layout: str = DEFAULT_LAYOUT
+    row_tokens: int = DEFAULT_ROW_TOKENS
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        return make_batch(examples, self.pad_id, self.layout, self.row_tokens)

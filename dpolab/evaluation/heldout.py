@@ -1,27 +1,33 @@
-"""Evaluation: the SPEC §3 metrics over a dataset, and the implicit reward of one answer."""
+"""Held-out evaluation: the SPEC §3 metrics over a dataset (``dpolab eval``), and the implicit reward of one
+answer (``dpolab score``), both measured with a run's own objective when the model is its ``final/``."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from dpolab import metrics as M
-from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, make_batch
+from dpolab import builder
+from dpolab.commands import load_config
+from dpolab.data.batch import DEFAULT_LAYOUT, Collate, make_batch
+from dpolab.data.reading import load_records
+from dpolab.data.records import Example, Record
+from dpolab.data.tokenization import Tokenizer
 from dpolab.errors import DpolabError
+from dpolab.evaluation import metrics as M
+from dpolab.models.loading import load_model, load_tokenizer
+from dpolab.models.logps import SequenceLogps
+from dpolab.models.record import beta_source, read_record, recorded_settings
+from dpolab.models.reference import NONE, ModelReference, NoReference
 from dpolab.objective import Objective, Output
-from dpolab.tokenization import Example, Tokenizer
 
 log = logging.getLogger("dpolab")
 
 
 @torch.no_grad()
 def evaluate_examples(policy, reference, objective: Objective, examples: list[Example], batch_size: int,
-                      accelerator, pad_id: int, prefix: str = "eval/", layout: str = DEFAULT_LAYOUT,
-                      row_tokens: int = DEFAULT_ROW_TOKENS) -> dict[str, float]:
+                      accelerator, collate: Collate, prefix: str = "eval/") -> dict[str, float]:
     """Mean metrics over every example, in global batches of ``batch_size`` as in training: batch i holds
     examples [i·B, (i+1)·B) and process r takes every N-th of them (r, r + N, ...), so the metrics (KTO's
     batch KL estimate included) do not depend on the number of processes, up to summation order.
@@ -41,7 +47,7 @@ def evaluate_examples(policy, reference, objective: Objective, examples: list[Ex
             size = -(-len(chunk) // world)  # every process's batch size
             mine = chunk[rank::world]
             real = len(mine)
-            batch = make_batch(mine + [chunk[0]] * (size - real), pad_id, layout, row_tokens).to(accelerator.device)
+            batch = collate(mine + [chunk[0]] * (size - real)).to(accelerator.device)
             if world > 1:  # KL pairs of padding rows leave the gathered estimate
                 keep = accelerator.gather((torch.arange(size) < real).float().to(accelerator.device)) > 0
                 objective.gather = lambda t, keep=keep: accelerator.gather(t)[keep]
@@ -71,60 +77,6 @@ def first_examples(out: Output, batch, n: int) -> Output:
                    rejected_logps=out.rejected_logps[:n - desirable])
 
 
-RECORD = "dpolab.json"  # in a run's final/: the reference and the objective the run trained with
-TOKENISATION = ("max_length", "max_prompt_length", "batch_size")  # kept even when --loss changes
-
-
-def recorded_fields() -> tuple[str, ...]:
-    """The config fields a run records in ``final/dpolab.json`` so that ``dpolab eval`` and ``dpolab score``
-    measure with the run's own objective: the losses, β and every setting a loss or modifier reads, the
-    tokenisation and batch (KTO's KL estimate is a batch statistic), and the precision."""
-    from dpolab.losses import LOSSES, MODIFIER_SETTINGS
-
-    trained_only = {"sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"}  # TR-DPO moves the ref
-    params = sorted({p for loss in LOSSES.values() for p in loss.params})
-    modifiers = [s.name for s in MODIFIER_SETTINGS if s.name not in trained_only]
-    return ("loss", "loss_weights", "beta", *params, *modifiers, *TOKENISATION, "bf16")
-
-
-def run_record(config, objective_state: dict) -> dict:
-    """What ``final/dpolab.json`` holds: the reference, β and loss (read by people and older dpolab), every
-    recorded setting, and the objective's state (BCO's running δ)."""
-    reference = config.ref_model or config.model
-    if Path(reference).exists():
-        reference = str(Path(reference).resolve())
-    settings = {k: getattr(config, k) for k in recorded_fields()}
-    return {"reference": reference, "beta": config.beta, "loss": config.loss, "settings": settings,
-            "objective_state": dict(objective_state)}
-
-
-def read_record(model: str) -> dict:
-    """The record of a dpolab ``final/`` folder, or {} for any other model."""
-    meta = Path(model) / RECORD
-    return json.loads(meta.read_text()) if meta.is_file() else {}
-
-
-def default_reference(model: str) -> str | None:
-    """The reference a dpolab ``final/`` folder was trained against, if it says."""
-    return read_record(model).get("reference")
-
-
-def recorded_settings(record: dict, given: dict) -> dict:
-    """The settings of a run's record beneath what the user ``given``: all of them, or only the tokenisation
-    and batch when the user names another loss (the recorded β and loss settings belong to the recorded loss)."""
-    settings = dict(record.get("settings") or {"beta": record.get("beta"), "loss": record.get("loss")})
-    settings = {k: v for k, v in settings.items() if v is not None}
-    if "loss" in given and given["loss"] != settings.get("loss"):
-        settings = {k: v for k, v in settings.items() if k in TOKENISATION}
-    return settings
-
-
-def beta_source(model: str, record: dict, given: dict, used: dict) -> str:
-    if "beta" in given:
-        return "given"
-    return f"recorded in {Path(model) / RECORD}" if "beta" in used else "the loss's default"
-
-
 def evaluate(model: str, data: str, ref_model: str | None = None, loss: str | None = None,
              beta: float | None = None, batch_size: int | None = None, **settings) -> dict[str, float]:
     """Mean metrics of ``model`` against ``ref_model`` on every row of ``data`` (SPEC §3, ``eval/`` names).
@@ -133,29 +85,24 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str | No
     settings, the tokenisation and batch size, so the metrics are the run's own; what is passed here wins
     (naming another loss keeps only the recorded tokenisation and batch size). Without a record: the model
     is its own reference, ``loss`` sigmoid, β the loss's default, batch size 8. ``settings`` are further
-    config fields (``max_length``, ``label_smoothing``, ...).
+    settings of ``dpolab eval`` (``max_length``, ``label_smoothing``, ...); any other is refused.
     """
-    from dpolab.config import load_config
-    from dpolab.data import load_records
-    from dpolab.logps import SequenceLogps
-    from dpolab.reference import ModelReference, NoReference
-    from dpolab.setup import (build_objective_for, ignored_columns, load_model, load_tokenizer, make_accelerator,
-                              prepare_records, tokenize_for)
-
     record = read_record(model)
     given = {k: v for k, v in dict(settings, loss=loss, beta=beta, batch_size=batch_size).items() if v is not None}
     used = recorded_settings(record, given)
-    config = load_config(overrides={"batch_size": 8, **used, **given, "model": model, "data": data,
-                                    "ref_model": ref_model})
-    log.info("β = %g (%s), loss %s", config.beta, beta_source(model, record, given, used), config.loss)
-    accelerator = make_accelerator(config)
-    objective = build_objective_for(config, accelerator.gather)
+    config = load_config(overrides={**used, **given, "model": model, "data": data, "ref_model": ref_model},
+                         command="eval")
+    log.info("β = %g (%s), loss %s", config.beta, beta_source(model, given, used), config.loss)
+    accelerator = builder.make_accelerator(config)
+    objective = builder.objective_for(config, accelerator.gather)
     if "loss" in used:  # the run's own loss: its state too (BCO's running δ)
         objective.state.update(record.get("objective_state", {}))
     tokenizer = load_tokenizer(model, config.trust_remote_code)
-    examples = tokenize_for(config, prepare_records(config, load_records(data, config.skip_invalid,
-                                                                                ignored_columns(config))), tokenizer)
-    if objective.needs_ref and not config.reference_free:
+    rows = builder.prepare_records(config, objective, load_records(data, config.skip_invalid,
+                                                                    builder.ignored_columns(config)))
+    examples = builder.tokenize_for(config, objective, rows, tokenizer)
+    reference = NoReference()
+    if builder.reference_kind(config, objective) != NONE:  # a model of its own: given, recorded, or itself
         ref_name = ref_model or record.get("reference")
         if ref_name is None:
             log.warning("no --ref-model and no recorded reference: the model is its own reference (rewards 0)")
@@ -164,14 +111,12 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str | No
                          attn_implementation=config.attn_implementation)
         reference = ModelReference(ref.to(accelerator.device), chunk=config.logits_chunk,
                                    autocast=accelerator.autocast, ld_alpha=config.ld_alpha)
-    else:
-        reference = NoReference()
     policy = SequenceLogps(load_model(model, config.trust_remote_code, config.allow_pickle_weights,
                                       attn_implementation=config.attn_implementation),
                            chunk=config.logits_chunk, ld_alpha=config.ld_alpha, aligned=config.use_weighting)
     policy = accelerator.prepare(policy)
     return evaluate_examples(policy, reference, objective, examples, config.batch_size, accelerator,
-                             tokenizer.pad_token_id, layout=config.layout, row_tokens=config.row_tokens)
+                             builder.collate_for(config, tokenizer))
 
 
 @torch.no_grad()
@@ -182,14 +127,10 @@ def score(model: str, prompt, response, ref_model: str | None = None, beta: floa
     training (plain text, or message lists with the chat template). Returns the reward, β and both log-probs.
     On a dpolab ``final/`` folder the reference and β default to the run's (else β = 0.1). Weights load from
     safetensors only unless ``allow_pickle_weights``."""
-    from dpolab.data import Record
-    from dpolab.logps import SequenceLogps
-    from dpolab.setup import load_model, load_tokenizer
-
     record = read_record(model)
     given = {"beta": beta} if beta is not None else {}
     beta = beta if beta is not None else record.get("beta") or 0.1
-    log.info("β = %g (%s)", beta, beta_source(model, record, given, record))
+    log.info("β = %g (%s)", beta, beta_source(model, given, record))
     tokenizer = load_tokenizer(model, trust_remote_code)
     record_row = Record("score", "unpaired", prompt, [response], isinstance(prompt, list))
     example = Tokenizer(tokenizer, 1 << 30, 1 << 30)(record_row, 0)

@@ -8,7 +8,6 @@ so a folder without it is incomplete and ignored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,8 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from dpolab.errors import DpolabError, TrainingError
-from dpolab.guard import WRITE_ERRORS, write_failure
+from dpolab.errors import WRITE_ERRORS, DpolabError, TrainingError, write_failure
 
 STEP = re.compile(r"^step-(\d+)$")
 
@@ -66,43 +64,6 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-# Settings that may change between a run and its --resume: they decide what is logged, saved, evaluated or
-# allowed, never the weights' trajectory. Every other setting must match the run's config.yaml, or the
-# resumed run would silently differ from the uninterrupted one. (eval_data and eval_split only pick the
-# held-out rows; a change that alters the training rows is caught by the data digest.)
-RUN_CONTROL = {"output_dir", "resume", "overwrite", "progress", "eval_data", "eval_split", "eval_every", "save_every",
-               "save_total_limit", "log_every", "max_nonfinite_steps", "task", "task_prompts", "task_samples",
-               "task_max_new_tokens", "merge_on_save", "ref_cache_dir", "trust_remote_code", "allow_pickle_weights",
-               "ignore_columns", "skip_invalid"}
-LENGTH = {"max_steps", "epochs"}  # may grow only when the schedule does not depend on the total steps
-
-
-def resume_conflicts(saved: dict, current: dict) -> list[str]:
-    """The settings of ``current`` that differ from the ``saved`` config.yaml in a way that changes training,
-    as "name (saved → current)"; empty when the run can continue exactly."""
-    out = []
-    for name, now in current.items():
-        if name in RUN_CONTROL or name not in saved:
-            continue
-        before = saved[name]
-        if name in ("model", "ref_model", "data") and before and now and Path(before).exists() and Path(now).exists():
-            before, now = str(Path(before).resolve()), str(Path(now).resolve())
-        if before == now:
-            continue
-        if name in LENGTH and saved.get("lr_scheduler") == current.get("lr_scheduler") == "constant":
-            continue  # a constant learning rate: more steps continue the same run exactly
-        out.append(f"{name} ({before!r} → {now!r})")
-    return out
-
-
-def data_digest(examples) -> str:
-    """A digest of the tokenised training rows, so a resume notices data that changed under the same name."""
-    h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps([ex.prompt_ids, ex.completion_ids, ex.label, ex.margin]).encode())
-    return h.hexdigest()[:16]
 
 
 def read_state(path: Path) -> dict:

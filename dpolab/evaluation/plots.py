@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpolab.metrics import read_metrics
+from dpolab.evaluation.metrics import read_metrics
 
 CHARTS = {  # file name → (title, metric names)
     "loss.png": ("Loss", ["loss", "eval/loss"]),
     "reward_accuracy.png": ("Reward accuracy", ["rewards/accuracies", "eval/rewards/accuracies"]),
     "margins.png": ("Reward margin r_c − r_r", ["rewards/margins", "eval/rewards/margins"]),
-    "rewards.png": ("Implicit rewards β·log(π/π_ref)", ["rewards/chosen", "rewards/rejected",
+    "rewards.png": ("Rewards (β·log(π/π_ref), or the loss's own)", ["rewards/chosen", "rewards/rejected",
                                                         "eval/rewards/chosen", "eval/rewards/rejected"]),
     "logps.png": ("Policy log-probs", ["logps/chosen", "logps/rejected", "eval/logps/chosen",
                                        "eval/logps/rejected"]),
@@ -23,7 +23,7 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
 
     Figures are made without pyplot (no global state, nothing to close; savefig picks Agg for .png), with
     fixed margins instead of tight_layout (so each chart is drawn once), and written with fast PNG compression."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: matplotlib is a heavy import, needed at the end of a run
 
     rows = read_metrics(metrics_file) if metrics_file.exists() else []
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Sampling answers from a model, and scoring them with a task's reward.
 
-Prompts are tokenised exactly as in training (:class:`dpolab.tokenization.Tokenizer`: plain text with the
+Prompts are tokenised exactly as in training (:class:`dpolab.data.tokenization.Tokenizer`: plain text with the
 tokenizer's special tokens, or a message list through the chat template), left-padded into batches, and
 continued by ``model.generate`` (Hugging Face, with its KV cache). Sampling is pure temperature sampling:
 no top-k, no top-p, so the mean reward over samples at temperature 1 estimates the policy's expected
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpolab.tokenization import Tokenizer
+from dpolab.data.tokenization import Tokenizer
 
 
 @dataclass

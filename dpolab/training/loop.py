@@ -12,74 +12,35 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from dpolab import adapters, distributed
-from dpolab import metrics as M
-from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Batch, make_batch
-from dpolab.checkpoint import data_digest, list_checkpoints, load_checkpoint, read_state
+from dpolab import builder
 from dpolab.config import Config
+from dpolab.data.batch import Collate
+from dpolab.data.records import Example
 from dpolab.errors import ConfigError, Interrupted
-from dpolab.evaluation import evaluate_examples
-from dpolab.guard import NonFiniteGuard, StopSignals
-from dpolab.logps import SequenceLogps
+from dpolab.evaluation.heldout import evaluate_examples
+from dpolab.evaluation.task_eval import before_after, task_report
 from dpolab.losses import tr_dpo_update_
+from dpolab.models import adapters
+from dpolab.models.loading import load_model, load_tokenizer
+from dpolab.models.logps import SequenceLogps
+from dpolab.models.reference import FROZEN_COPY
 from dpolab.objective import Objective
-from dpolab.rundir import RunFiles, check_output_dir, check_resume_settings
-from dpolab.tokenization import Example
-from dpolab.setup import (build_objective_for, build_reference, load_examples, load_model, load_tokenizer,
-                          make_accelerator, read_records,
-                          resolve_defaults)
+from dpolab.tasks import load_task
+from dpolab.training import distributed
+from dpolab.training.checkpoint import load_checkpoint
+from dpolab.training.guard import NonFiniteGuard, StopSignals
+from dpolab.training.resume import check_same_data, checkpoints_to_resume, data_digest
+from dpolab.training.rundir import RunFiles, check_output_dir
+from dpolab.training.step import micro_batches, step_examples, train_step
 
 log = logging.getLogger("dpolab")
-
-
-def train_step(policy, reference, objective: Objective, micro_batches: list[Batch], optimizer, scheduler,
-               accelerator, max_grad_norm: float, examples_per_process: int) -> dict[str, float]:
-    """One optimizer step over ``micro_batches``: log-probs → reference → loss → backward → step."""
-    policy.train()
-    sums = None
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with nullcontext() if last else accelerator.no_sync(policy):  # all-reduce once per step
-            policy_logps = policy(**batch.model_inputs())  # (S,) summed completion log-probs
-            ref_logps = reference(batch)  # (S,) no grad
-            out = objective(policy_logps, ref_logps, batch)  # per-example losses (B,)
-            accelerator.backward(out.losses.sum() / examples_per_process)
-        sums = M.add(sums, M.example_sums(out) | {"num_tokens": torch.tensor(float(batch.num_tokens))})
-    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
-    sums = {k: accelerator.reduce(v.to(accelerator.device), "sum") for k, v in sums.items()}
-    finite = math.isfinite(float(grad_norm)) and math.isfinite(sums["loss"].item())
-    if finite:  # a non-finite loss or gradient never reaches the weights
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    num_tokens = sums.pop("num_tokens").item()
-    return M.means(sums) | {"grad_norm": float(grad_norm), "num_tokens": num_tokens, "skipped": float(not finite)}
-
-
-def step_examples(n: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """The dataset indices of optimizer step ``step``: epoch e is a permutation seeded by (seed, e);
-    a last incomplete batch of an epoch is skipped."""
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[k * batch_size: (k + 1) * batch_size].tolist()
-
-
-def micro_batches(examples, indices: list[int], rank: int, world: int, grad_accum: int, pad_id: int,
-                  device, layout: str = DEFAULT_LAYOUT, row_tokens: int = DEFAULT_ROW_TOKENS) -> list[Batch]:
-    """This process's share of one step, cut into ``grad_accum`` micro-batches in the given layout."""
-    share = len(indices) // world
-    mine = indices[rank * share: (rank + 1) * share]
-    size = share // grad_accum
-    return [make_batch([examples[j] for j in mine[i: i + size]], pad_id, layout, row_tokens).to(device)
-            for i in range(0, share, size)]
 
 
 @dataclass
@@ -91,6 +52,8 @@ class Run:
     objective: Objective
     task: Any  # a dpolab.tasks.Task, or None
     tokenizer: Any
+    collate: Collate  # examples → batches in the run's layout
+    reference_kind: str  # dpolab.models.reference.choose_reference
     train_examples: list[Example]
     eval_examples: list[Example]
     digest: str  # of the tokenised training rows: a resume must see the same ones
@@ -122,35 +85,32 @@ class Progress:
 
 
 def check_settings_and_data(config: Config) -> Run:
-    """Everything that can refuse the run, before any model is loaded: settings against the processes,
-    the output directory and a resume, the task, the data (rows, then tokenised)."""
+    """Everything that can refuse the run, before any model is loaded: settings against the disk, the device
+    and the processes, the output directory and a resume, the task, the data (rows, then tokenised)."""
+    builder.check_environment(config)
     out = Path(config.output_dir)
-    accelerator = make_accelerator(config)
+    accelerator = builder.make_accelerator(config)
     world = accelerator.num_processes
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
                           f"= {world} × {config.grad_accum}")
-    objective = build_objective_for(config, accelerator.gather)
-    frozen_copy = objective.needs_ref and not (config.reference_free or config.precompute_ref or config.ref_model
-                                               or config.lora_r or adapters.is_adapter_dir(config.model))
-    distributed.check_supported(accelerator, config.save_every, config.resume, config.grad_accum, frozen_copy)
+    objective = builder.objective_for(config, accelerator.gather)
+    kind = builder.reference_kind(config, objective)
+    distributed.check_supported(accelerator, config.save_every, config.resume, config.grad_accum,
+                                frozen_copy=kind == FROZEN_COPY and not config.precompute_ref)
     check_output_dir(out, config.resume, config.overwrite)
-    checkpoints = list_checkpoints(out / "checkpoints") if config.resume else []
-    if checkpoints:
-        check_resume_settings(out / "config.yaml", config)
+    checkpoints = checkpoints_to_resume(out, config)
     task = load_task_or_refuse(config.task)
-    records = read_records(config)  # bad data is refused before the tokenizer or any model is loaded
+    records = builder.read_records(config, objective)  # bad data is refused before the tokenizer or any model
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    train_examples, eval_examples = load_examples(config, tokenizer, records)
+    train_examples, eval_examples = builder.load_examples(config, objective, tokenizer, records)
     digest = data_digest(train_examples)
-    if checkpoints and read_state(checkpoints[-1]).get("extra", {}).get("data_digest", digest) != digest:
-        raise ConfigError(f"cannot resume from {checkpoints[-1]}: the training rows differ from the ones it was "
-                          "trained on (same settings, but the data file's content or the rows kept changed)")
+    check_same_data(checkpoints, digest)
     steps_per_epoch = len(train_examples) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_examples)} training examples is fewer than batch_size {config.batch_size}")
-    return Run(config, accelerator, objective, task, tokenizer, train_examples, eval_examples, digest, checkpoints,
-               steps_per_epoch=steps_per_epoch,
+    return Run(config, accelerator, objective, task, tokenizer, builder.collate_for(config, tokenizer), kind,
+               train_examples, eval_examples, digest, checkpoints, steps_per_epoch=steps_per_epoch,
                total_steps=config.max_steps or math.ceil(config.epochs * steps_per_epoch))
 
 
@@ -161,8 +121,8 @@ def build_models(run: Run) -> None:
     model = adapters.load_policy(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                  config.lora_target_modules, config.trust_remote_code, config.allow_pickle_weights,
                                  config.load_in_4bit, config.attn_implementation)
-    run.train_ref, run.eval_ref = build_reference(config, run.objective, model, run.train_examples,
-                                                  run.eval_examples, accelerator, run.tokenizer.pad_token_id)
+    run.train_ref, run.eval_ref = builder.build_reference(config, run.reference_kind, model, run.train_examples,
+                                                          run.eval_examples, accelerator, run.collate)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = SequenceLogps(model, config.logits_chunk, config.ld_alpha, aligned=config.use_weighting)
@@ -171,7 +131,7 @@ def build_models(run: Run) -> None:
     # 0.7 ms a step instead of 4.5 ms for the multi-tensor loop. Other devices keep PyTorch's default.
     fused = True if accelerator.device.type in ("cpu", "cuda") else None
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # deferred: transformers is a heavy import
 
     run.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_training_steps=run.total_steps,
                                   num_warmup_steps=int(config.warmup_ratio * run.total_steps))
@@ -202,8 +162,7 @@ def evaluate_run(run: Run, files: RunFiles, step: int) -> dict[str, float]:
     if not run.eval_examples:
         return {}
     result = evaluate_examples(run.policy, run.eval_ref, run.objective, run.eval_examples, run.config.batch_size,
-                               run.accelerator, run.tokenizer.pad_token_id, prefix="eval/",
-                               layout=run.config.layout, row_tokens=run.config.row_tokens)
+                               run.accelerator, run.collate, prefix="eval/")
     files.log(step, result)
     return result
 
@@ -230,7 +189,7 @@ def stop_on_signal(run: Run, files: RunFiles, progress: Progress, signum: int) -
 
 def train(config: Config) -> dict:
     """Train a policy as ``config`` says; return the summary also written to ``summary.json``."""
-    config = resolve_defaults(config)
+    config = builder.resolve_defaults(config)
     run = check_settings_and_data(config)
     files = RunFiles(Path(config.output_dir), run.accelerator.is_main_process, config.save_total_limit)
     files.prepare(config.overwrite)  # only now that settings and data are known to be good
@@ -240,8 +199,6 @@ def train(config: Config) -> dict:
     files.start(config, progress.step if config.resume else None, run.checkpoints)
     if progress.step == 0:
         progress.eval_before = evaluate_run(run, files, 0)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=run.total_steps, initial=progress.step, desc="dpolab",
                disable=not (config.progress and run.accelerator.is_main_process))
     world, rank = run.accelerator.num_processes, run.accelerator.process_index
@@ -250,9 +207,8 @@ def train(config: Config) -> dict:
         for step in range(progress.step, run.total_steps):
             t0 = time.perf_counter()
             indices = step_examples(len(run.train_examples), step, config.batch_size, config.seed)
-            batches = micro_batches(run.train_examples, indices, rank, world, config.grad_accum,
-                                    run.tokenizer.pad_token_id, run.accelerator.device, config.layout,
-                                    config.row_tokens)
+            batches = micro_batches(run.train_examples, indices, rank, world, config.grad_accum, run.collate,
+                                    run.accelerator.device)
             stats = train_step(run.policy, run.train_ref, run.objective, batches, run.optimizer, run.scheduler,
                                run.accelerator, config.max_grad_norm, config.batch_size // world)
             progress.step = done = step + 1
@@ -299,8 +255,6 @@ def finish(run: Run, files: RunFiles, progress: Progress, runtime: float) -> dic
 def load_task_or_refuse(spec: str | None):
     if spec is None:
         return None
-    from dpolab.tasks import load_task
-
     try:
         return load_task(spec)
     except ValueError as e:
@@ -309,13 +263,11 @@ def load_task_or_refuse(spec: str | None):
 
 def run_task_report(config: Config, task, policy, tokenizer) -> dict[str, float]:
     """Task reward of the reference and of the trained policy, same prompts and seeds; KL from samples."""
-    from dpolab.task_eval import before_after, task_report
-
     reference = load_model(config.ref_model or config.model, config.trust_remote_code, config.allow_pickle_weights,
                            attn_implementation=config.attn_implementation)
     reference.to(next(policy.parameters()).device)
     args = dict(num_prompts=config.task_prompts, num_samples=config.task_samples, seed=config.seed,
-                max_new_tokens=config.task_max_new_tokens, layout=config.layout, row_tokens=config.row_tokens)
+                max_new_tokens=config.task_max_new_tokens, collate=builder.collate_for(config, tokenizer))
     before = task_report(reference, reference, tokenizer, task, **args)
     after = task_report(policy, reference, tokenizer, task, **args)
     return before_after(before, after)

@@ -14,23 +14,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import random
 
-from dpolab.data import Record
+from jinja2 import TemplateError
+
+from dpolab.data.records import Example, Record
 from dpolab.errors import DataError
 
 log = logging.getLogger("dpolab")
-
-
-@dataclass
-class Example:
-    """A tokenised row: shared prompt tokens and K completions (chosen first)."""
-
-    index: int  # position in its dataset; keys the precomputed reference log-probs
-    prompt_ids: list[int]
-    completion_ids: list[list[int]]
-    label: bool | None = None
-    margin: float | None = None
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -64,8 +55,6 @@ class Tokenizer:
         if not getattr(self.tok, "chat_template", None):
             raise DataError("conversational rows need a tokenizer with a chat template, and this one has none; "
                             "give plain-text rows or a model whose tokenizer has a chat_template")
-        from jinja2 import TemplateError
-
         try:
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except TemplateError as e:  # e.g. a template that insists on alternating user/assistant roles
@@ -155,8 +144,6 @@ def add_mismatched_completions(examples: list[Example], seed: int, max_length: i
     """KTO's KL pairs: give every unpaired example a second completion taken from another example, by a
     seeded cyclic shift over a random order (so no example gets its own). Fixed per dataset, so the
     reference log-probs of these pairs can be precomputed like any other."""
-    import random
-
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     partner = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}

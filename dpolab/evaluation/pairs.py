@@ -14,6 +14,12 @@ import os
 import random
 from pathlib import Path
 
+from dpolab.data.reading import iter_rows
+from dpolab.errors import ConfigError, DataError
+from dpolab.evaluation.generate import sample
+from dpolab.models.loading import load_model, load_tokenizer
+from dpolab.tasks import load_reward
+
 
 def pair_rows(prompts, completions: list[list[str]], scores: list[list[float]], seed: int = 0) -> list[dict]:
     """One ``{prompt, chosen, rejected, score_chosen, score_rejected}`` row per prompt whose scores differ.
@@ -46,9 +52,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def read_prompts(path: str) -> list:
     """Prompts from a ``.txt`` file (one per line) or JSONL / JSON rows with a ``prompt`` field (a string or
     a list of chat messages)."""
-    from dpolab.data import iter_rows
-    from dpolab.errors import DataError
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: no such file")
@@ -69,15 +72,11 @@ def read_prompts(path: str) -> list:
 
 
 def make_pairs(model: str, prompts: str, reward: str, output: str, num_samples: int = 4, temperature: float = 1.0,
-               seed: int = 0, max_new_tokens: int = 64, trust_remote_code: bool = False) -> int:
+               seed: int = 42, max_new_tokens: int = 64, trust_remote_code: bool = False,
+               allow_pickle_weights: bool = False) -> int:
     """Sample ``num_samples`` answers per prompt of the file ``prompts`` from ``model``, score them with
     ``reward`` (``module:function`` or a built-in task name), write the pairs to ``output``; return their
     number."""
-    from dpolab.errors import ConfigError
-    from dpolab.generate import sample
-    from dpolab.setup import load_model, load_tokenizer
-    from dpolab.tasks import load_reward
-
     if num_samples < 2:
         raise ConfigError("make-pairs needs --num-samples ≥ 2 to have two answers to compare")
     if temperature <= 0:
@@ -88,7 +87,7 @@ def make_pairs(model: str, prompts: str, reward: str, output: str, num_samples: 
         raise ConfigError(f"--reward: {e}") from None
     texts = read_prompts(prompts)
     tokenizer = load_tokenizer(model, trust_remote_code)
-    policy = load_model(model, trust_remote_code)
+    policy = load_model(model, trust_remote_code, allow_pickle_weights)
     drawn = sample(policy, tokenizer, texts, num_samples, temperature, seed, max_new_tokens)
     scores = []
     for prompt, answers in zip(texts, drawn.completions):

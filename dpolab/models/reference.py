@@ -5,7 +5,10 @@ reference's per-sequence log-probs (S,), with no gradient:
 - :class:`CachedReference`: log-probs computed once by :func:`precompute` and stored on disk, keyed by
   :func:`cache_key`; no reference model is held while training;
 - :class:`NoReference`: zeros, for reference-free losses;
-- :class:`dpolab.adapters.AdapterReference`: the policy itself with its LoRA adapters switched off.
+- :class:`dpolab.models.adapters.AdapterReference`: the policy itself with its LoRA adapters switched off.
+
+:func:`choose_reference` is the one place the strategy is decided; training, evaluation, scoring and the
+multi-process checks all ask it.
 """
 
 from __future__ import annotations
@@ -20,13 +23,35 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Batch, make_batch
-from dpolab.logps import SequenceLogps
-from dpolab.tokenization import Example
+from dpolab.data.batch import Batch, Collate
+from dpolab.data.records import Example
+from dpolab.errors import writing
+from dpolab.models.loading import base_of, is_adapter_dir
+from dpolab.models.logps import SequenceLogps
 
 log = logging.getLogger("dpolab")
 Tensor = torch.Tensor
+
+
+NONE, REF_MODEL, ADAPTERS, FROZEN_COPY = "none", "ref_model", "adapters", "frozen_copy"
+
+
+def choose_reference(needs_ref: bool, reference_free: bool, ref_model: str | None, lora: bool) -> str:
+    """Which reference a run measures against (SPEC §5): ``none`` (no loss needs one, or reference-free),
+    ``ref_model`` (a model of its own), ``adapters`` (LoRA: the policy with its adapters off, or an
+    adapter's starting copy), else ``frozen_copy`` of the initial policy. ``--precompute-ref`` then computes
+    the chosen one's log-probs once and drops it (with no copy: the initial policy serves).
+
+    >>> choose_reference(True, False, None, lora=True), choose_reference(True, True, "ref", lora=False)
+    ('adapters', 'none')
+    """
+    if not needs_ref or reference_free:
+        return NONE
+    if ref_model:
+        return REF_MODEL
+    return ADAPTERS if lora else FROZEN_COPY
 
 
 class ModelReference:
@@ -78,10 +103,17 @@ def model_fingerprint(name_or_path: str) -> str:
                 for block in iter(lambda: fh.read(1 << 24), b""):
                     h.update(block)
         return "local:" + h.hexdigest()
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers is a heavy import
 
     revision = getattr(AutoConfig.from_pretrained(name_or_path), "_commit_hash", None) or "unknown"
     return f"hub:{name_or_path}@{revision}"
+
+
+def reference_identity(name: str) -> str:
+    """What the precompute cache key names as the reference: an adapter is only meaningful with its base."""
+    if is_adapter_dir(name):
+        return model_fingerprint(name) + "+" + model_fingerprint(base_of(name))
+    return model_fingerprint(name)
 
 
 def cache_key(reference: str, examples: list[Example], settings: dict) -> str:
@@ -95,24 +127,21 @@ def cache_key(reference: str, examples: list[Example], settings: dict) -> str:
 
 
 @torch.no_grad()
-def compute_table(reference, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
-                  progress: bool = False, rank: int = 0, world: int = 1, layout: str = DEFAULT_LAYOUT,
-                  row_tokens: int = DEFAULT_ROW_TOKENS) -> Tensor:
+def compute_table(reference, examples: list[Example], collate: Collate, batch_size: int, device: torch.device,
+                  progress: bool = False, rank: int = 0, world: int = 1) -> Tensor:
     """Reference log-probs (num_examples, K) in example-index order, of this process's share of the rows.
 
     Process ``rank`` of ``world`` computes examples rank, rank + world, ...; the other rows stay 0, so the
     sum of every process's table over processes is the whole table. Every process runs the same number
     of batches (a short share repeats its own last example), so a sharded reference's collectives match.
     """
-    from tqdm.auto import tqdm
-
     K = len(examples[0].completion_ids)
     table = torch.zeros(len(examples), K)
     mine = list(range(rank, len(examples), world))
     per_process = math.ceil(len(examples) / world)
     order = mine + [mine[-1] if mine else 0] * (per_process - len(mine))  # padding, never written
     for i in tqdm(range(0, per_process, batch_size), desc="reference log-probs", disable=not progress, leave=False):
-        batch = make_batch([examples[j] for j in order[i: i + batch_size]], pad_id, layout, row_tokens).to(device)
+        batch = collate([examples[j] for j in order[i: i + batch_size]]).to(device)
         logps = reference(batch).float().cpu().view(-1, K)  # (B, K)
         owned = max(0, min(batch_size, len(mine) - i))
         table[batch.example_ids[:owned].cpu()] = logps[:owned]
@@ -147,10 +176,29 @@ def write_cache(cache_dir: Path, key: str, table: Tensor) -> None:
     log.info("cached reference log-probs in %s", path)
 
 
-def load_or_compute(cache_dir: Path, key: str, compute) -> Tensor:
-    """Return the cached table for ``key``, or compute it, write it atomically, and return it."""
-    table = read_cache(cache_dir, key)
-    if table is None:
-        table = compute()
-        write_cache(cache_dir, key, table)
+def shared_table(accelerator, cache_dir: Path, key: str, shape: tuple[int, int], compute_share) -> Tensor:
+    """The reference log-prob table for ``key``, the same on every process.
+
+    The main process looks in the cache; if it finds the table it is broadcast (no shared file system is
+    needed). Otherwise each process computes its share (``compute_share()``: its rows, zeros elsewhere),
+    the shares are summed over processes, and the main process writes the cache.
+    """
+    from accelerate.utils import broadcast, broadcast_object_list  # deferred: accelerate is a heavy import
+
+    table = read_cache(cache_dir, key) if accelerator.is_main_process else None
+    if accelerator.num_processes == 1:
+        if table is None:
+            table = compute_share()
+            with writing(cache_dir, None):
+                write_cache(cache_dir, key, table)
+        return table
+    found = broadcast_object_list([table is not None])[0]
+    if found:
+        buffer = table if table is not None else torch.zeros(shape)
+        return broadcast(buffer.to(accelerator.device)).cpu()
+    table = accelerator.reduce(compute_share().to(accelerator.device), "sum").cpu()  # rows are disjoint: exact
+    if accelerator.is_main_process:
+        with writing(cache_dir, None):
+            write_cache(cache_dir, key, table)
+    accelerator.wait_for_everyone()
     return table

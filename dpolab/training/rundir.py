@@ -1,7 +1,7 @@
 """What a run leaves on disk (SPEC §6) and how it is written: the output directory, ``config.yaml``,
 ``metrics.jsonl`` (and TensorBoard), ``checkpoints/step-N/``, ``final/``, ``summary.json`` and ``plots/``.
 
-Only the main process writes. Every write goes through :func:`dpolab.guard.writing`, so a full disk or
+Only the main process writes. Every write goes through :func:`dpolab.errors.writing`, so a full disk or
 another write failure stops the run with one paragraph naming the file and the checkpoint that is intact.
 """
 
@@ -12,13 +12,15 @@ import os
 import shutil
 from pathlib import Path
 
-from dpolab import adapters
-from dpolab import metrics as M
-from dpolab.checkpoint import resume_conflicts, save_checkpoint
+from dpolab.commands import COMMANDS
 from dpolab.config import Config
 from dpolab.errors import ConfigError
-from dpolab.evaluation import RECORD, run_record
-from dpolab.guard import writing
+from dpolab.evaluation import metrics as M
+from dpolab.evaluation.plots import plot_metrics
+from dpolab.models import adapters
+from dpolab.models.record import RECORD, run_record
+from dpolab.training.checkpoint import save_checkpoint
+from dpolab.errors import writing
 
 
 class RunFiles:
@@ -45,7 +47,7 @@ class RunFiles:
         if not self.main:
             return
         with writing(self.out / "config.yaml", self.last_saved):
-            config.save(self.out / "config.yaml")
+            config.save(self.out / "config.yaml", COMMANDS["train"].fields)
         with writing(self.out / "metrics.jsonl", self.last_saved):
             self.metrics = M.MetricsLog(self.out, resume_step)
 
@@ -67,8 +69,6 @@ class RunFiles:
         with writing(self.out / "summary.json", self.last_saved):
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.metrics.close()
-        from dpolab.plots import plot_metrics
-
         with writing(self.out / "plots", self.last_saved):
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
 
@@ -87,21 +87,6 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
             if child.name != "ref_cache":  # reference log-probs stay valid: they are keyed by content
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def check_resume_settings(saved_config: Path, config: Config) -> None:
-    """Refuse a --resume whose settings would not continue the saved run exactly (see RUN_CONTROL)."""
-    import yaml
-
-    if not saved_config.is_file():
-        return
-    conflicts = resume_conflicts(yaml.safe_load(saved_config.read_text()) or {}, config.to_dict())
-    if conflicts:
-        raise ConfigError(f"cannot resume: {', '.join(conflicts)} differ from {saved_config}, so the run would not "
-                          "continue the same trajectory. Resume with the saved values, or start a new run (another "
-                          "--output-dir, or --overwrite). Logging, saving and evaluation settings may change; "
-                          "--max-steps and --epochs only with --lr-scheduler constant (other schedules are spread "
-                          "over the total steps)")
 
 
 def save_final(out: Path, model, tokenizer, config: Config, state_dict=None, objective_state: dict | None = None

@@ -18,7 +18,7 @@ writes a plain Hugging Face model.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import shutil
 from contextlib import contextmanager, nullcontext
@@ -26,25 +26,14 @@ from pathlib import Path
 
 import torch
 
-from dpolab.batch import Batch
+from dpolab.data.batch import Batch
 from dpolab.errors import ConfigError, DpolabError
-from dpolab.logps import SequenceLogps
+from dpolab.models.loading import base_of, is_adapter_dir, load_merged, load_model, load_tokenizer
+from dpolab.models.logps import SequenceLogps
 
 log = logging.getLogger("dpolab")
 Tensor = torch.Tensor
 TRAINED, STARTING = "default", "reference"  # adapter names: the one trained, its frozen starting copy
-
-
-def is_adapter_dir(name: str | None) -> bool:
-    return name is not None and (Path(name) / "adapter_config.json").is_file()
-
-
-def base_of(adapter_dir: str) -> str:
-    """The base model an adapter folder was trained on."""
-    base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise DpolabError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
-    return base
 
 
 def is_peft(model) -> bool:
@@ -56,13 +45,11 @@ def load_policy(name: str, lora_r: int, lora_alpha: float, lora_dropout: float, 
                 attn_implementation: str | None = None) -> torch.nn.Module:
     """The model to train: plain, base + a new LoRA adapter, or base + an existing adapter (see above).
     ``load_in_4bit`` (QLoRA): the base is loaded quantised and prepared for k-bit training first."""
-    from dpolab.setup import load_model
-
     if is_adapter_dir(name):
         if lora_r:
             raise ConfigError(f"--model {name} is already a LoRA adapter; leave --lora-r unset to train it "
                               "further (its own rank and targets are kept)")
-        from peft import PeftModel
+        from peft import PeftModel  # deferred: a heavy import
 
         base = prepare_base(load_model(base_of(name), trust_remote_code, allow_pickle, load_in_4bit,
                                        attn_implementation), load_in_4bit)
@@ -74,7 +61,7 @@ def load_policy(name: str, lora_r: int, lora_alpha: float, lora_dropout: float, 
                          load_in_4bit)
     if not lora_r:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: a heavy import
 
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
@@ -89,8 +76,6 @@ def load_policy(name: str, lora_r: int, lora_alpha: float, lora_dropout: float, 
 
 def qlora_unavailable() -> str | None:
     """Why a 4-bit base cannot be loaded here (bitsandbytes' 4-bit kernels need CUDA), or None."""
-    import importlib.util
-
     missing = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
                                      ("the bitsandbytes package (pip install bitsandbytes)",
                                       importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
@@ -105,7 +90,7 @@ def prepare_base(model, load_in_4bit: bool):
     Gradient checkpointing stays dpolab's own switch (--gradient-checkpointing)."""
     if not load_in_4bit:
         return model
-    from peft import prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training  # deferred: a heavy import
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -148,43 +133,22 @@ class AdapterReference:
             self.model.train(was_training)
 
 
-def reference_identity(name: str) -> str:
-    """What the precompute cache key names as the reference: an adapter is only meaningful with its base."""
-    from dpolab.reference import model_fingerprint
-
-    if is_adapter_dir(name):
-        return model_fingerprint(name) + "+" + model_fingerprint(base_of(name))
-    return model_fingerprint(name)
-
-
 def save_adapter(model, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
     """Only the trained adapter (not the frozen starting copy), as a PEFT adapter folder."""
     model.save_pretrained(path, selected_adapters=[TRAINED], safe_serialization=True, state_dict=state_dict)
 
 
-def load_merged(adapter_dir: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
-    """Base + adapter, merged into plain weights (the base from safetensors unless ``allow_pickle``)."""
-    from peft import PeftModel
-
-    from dpolab.setup import load_model
-
-    base = load_model(base_of(adapter_dir), trust_remote_code, allow_pickle)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-
-
-def merge(adapter_dir: str, output: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+def merge(adapter: str, output: str, trust_remote_code: bool = False, allow_pickle_weights: bool = False) -> Path:
     """Write the adapter merged into its base as a Hugging Face model folder (with tokenizer and, from a
     dpolab run, ``dpolab.json``), loadable by ``AutoModelForCausalLM.from_pretrained``."""
-    from dpolab.setup import load_tokenizer
-
-    if not is_adapter_dir(adapter_dir):
-        raise DpolabError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    if not is_adapter_dir(adapter):
+        raise DpolabError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
     out = Path(output)
-    model = load_merged(adapter_dir, trust_remote_code, allow_pickle)
+    model = load_merged(adapter, trust_remote_code, allow_pickle_weights)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer_from = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_of(adapter_dir)
+    tokenizer_from = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base_of(adapter)
     load_tokenizer(tokenizer_from, trust_remote_code).save_pretrained(out)
-    if (Path(adapter_dir) / "dpolab.json").is_file():
-        shutil.copy(Path(adapter_dir) / "dpolab.json", out / "dpolab.json")
-    log.info("merged %s into %s", adapter_dir, out)
+    if (Path(adapter) / "dpolab.json").is_file():
+        shutil.copy(Path(adapter) / "dpolab.json", out / "dpolab.json")
+    log.info("merged %s into %s", adapter, out)
     return out

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import torch
 
-from dpolab.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, make_batch
-from dpolab.logps import SequenceLogps
-from dpolab.tokenization import Example
+from dpolab.data.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Collate
+from dpolab.data.records import Example
+from dpolab.errors import ConfigError
+from dpolab.evaluation.generate import prompt_ids, task_scores
+from dpolab.models.loading import load_model, load_tokenizer
+from dpolab.models.logps import SequenceLogps
+from dpolab.models.record import default_reference
+from dpolab.tasks import load_task
 
 
 @torch.no_grad()
-def sampled_kl(policy, reference, tokenizer, prompts, samples, batch_size: int = 64, layout: str = DEFAULT_LAYOUT,
-               row_tokens: int = DEFAULT_ROW_TOKENS) -> float:
-    """Monte-Carlo KL(π ‖ π_ref) from answers sampled from π (``samples`` from :func:`dpolab.generate.sample`):
+def sampled_kl(policy, reference, tokenizer, prompts, samples, batch_size: int = 64,
+               collate: Collate | None = None) -> float:
+    """Monte-Carlo KL(π ‖ π_ref) from answers sampled from π (``samples`` from :func:`dpolab.evaluation.generate.sample`):
     the mean over answers of log π(y|x) − log π_ref(y|x), on the very tokens that were sampled (EOS included
-    when the answer ended), never on a re-tokenisation of their text."""
-    from dpolab.generate import prompt_ids
-
+    when the answer ended), never on a re-tokenisation of their text. ``collate``: the batch layout of the
+    log-probs (default: packed)."""
+    collate = collate or Collate(tokenizer.pad_token_id)
     examples = []
     for ids, answers in zip(prompt_ids(tokenizer, prompts), samples.token_ids):
         examples += [Example(len(examples), ids, [answer]) for answer in answers if answer]
@@ -32,26 +37,23 @@ def sampled_kl(policy, reference, tokenizer, prompts, samples, batch_size: int =
     pi, ref = SequenceLogps(policy), SequenceLogps(reference)
     total = 0.0
     for i in range(0, len(examples), batch_size):
-        batch = make_batch(examples[i: i + batch_size], tokenizer.pad_token_id, layout, row_tokens).to(device)
+        batch = collate(examples[i: i + batch_size]).to(device)
         inputs = batch.model_inputs()
         total += (pi(**inputs) - ref(**inputs)).sum().item()
     return total / len(examples)
 
 
 def task_report(policy, reference, tokenizer, task, num_prompts: int, num_samples: int, seed: int,
-                max_new_tokens: int, layout: str = DEFAULT_LAYOUT, row_tokens: int = DEFAULT_ROW_TOKENS
-                ) -> dict[str, float]:
+                max_new_tokens: int, collate: Collate | None = None) -> dict[str, float]:
     """``task_reward`` (sampled, temperature 1), ``task_reward_greedy`` and ``kl`` on held-out prompts;
-    ``layout`` and ``row_tokens`` are the batch layout of the KL's log-probs."""
-    from dpolab.generate import task_scores
-
+    ``collate`` makes the batches of the KL's log-probs."""
     prompts = list(task.eval_prompts[:num_prompts])
     was_training = policy.training
     policy.eval()
     scores = task_scores(policy, tokenizer, task.reward, prompts, num_samples=num_samples, temperature=1.0,
                          seed=seed, max_new_tokens=max_new_tokens)
     kl = 0.0 if reference is policy else sampled_kl(policy, reference, tokenizer, prompts, scores.samples,
-                                                    layout=layout, row_tokens=row_tokens)
+                                                    collate=collate)
     policy.train(was_training)
     return {"task_reward": scores.sampled_reward, "task_reward_greedy": scores.greedy_reward, "kl": kl}
 
@@ -81,15 +83,11 @@ def format_table(summary: dict) -> str:
 
 
 def evaluate_task(model: str, task: str, ref_model: str | None = None, num_prompts: int = 200,
-                  num_samples: int = 4, seed: int = 0, max_new_tokens: int = 64,
-                  layout: str = DEFAULT_LAYOUT) -> dict[str, float]:
+                  num_samples: int = 4, seed: int = 42, max_new_tokens: int = 64, layout: str = DEFAULT_LAYOUT,
+                  row_tokens: int = DEFAULT_ROW_TOKENS, trust_remote_code: bool = False,
+                  allow_pickle_weights: bool = False) -> dict[str, float]:
     """Task reward of ``ref_model`` (before) and ``model`` (after), and KL(model ‖ ref_model), on the task's
     held-out prompts; the reference defaults to the one a dpolab ``final/`` folder records."""
-    from dpolab.errors import ConfigError
-    from dpolab.evaluation import default_reference
-    from dpolab.setup import load_model, load_tokenizer
-    from dpolab.tasks import load_task
-
     try:
         task_obj = load_task(task)
     except ValueError as e:
@@ -97,10 +95,11 @@ def evaluate_task(model: str, task: str, ref_model: str | None = None, num_promp
     ref_name = ref_model or default_reference(model)
     if ref_name is None:
         raise ConfigError("task-eval needs --ref-model (or a dpolab final/ folder that records its reference)")
-    tokenizer = load_tokenizer(model)
-    policy, reference = load_model(model), load_model(ref_name)
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    policy = load_model(model, trust_remote_code, allow_pickle_weights)
+    reference = load_model(ref_name, trust_remote_code, allow_pickle_weights)
     args = dict(num_prompts=num_prompts, num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens,
-                layout=layout)
+                collate=Collate(tokenizer.pad_token_id, layout, row_tokens))
     before = task_report(reference, reference, tokenizer, task_obj, **args)
     after = task_report(policy, reference, tokenizer, task_obj, **args)
     return before_after(before, after)

@@ -79,7 +79,7 @@ class MetricsLog:
         self.writer = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # deferred: optional, and a heavy import
 
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:  # TensorBoard is optional at run time
