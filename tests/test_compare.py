@@ -88,3 +88,22 @@ def test_compare_refuses_what_it_cannot_do(tiny_model, capsys):
     assert cli.main(["compare", "--model", str(tiny_model), "--ref-model", str(tiny_model), "--prompts",
                      "p.txt"]) == 2
     assert "compare --prompts needs --judge" in capsys.readouterr().err
+
+
+def test_train_with_a_task_reports_the_win_rate_compare_measures(run_config, tmp_path):
+    """The win rate in summary.json and the before/after table is the judged win rate at T = 1 that dpolab
+    compare measures on the saved final/ against its recorded reference (same prompts, seed and length)."""
+    import dpolab
+    from dpolab.evaluation.task_eval import format_table
+
+    summary = dpolab.train(**run_config(task="addition", task_prompts=6, task_samples=1, task_max_new_tokens=3,
+                                        max_steps=3, learning_rate=3e-3))
+    final = tmp_path / "run" / "final"
+    measured = compare(str(final), task="addition", num_prompts=6, temperatures=[1.0], max_new_tokens=3,
+                       output=str(tmp_path / "cmp"))
+    assert summary["judge"] == measured["judge"] == "task:addition"
+    assert (summary["win_rate"], summary["win_rate_ci"], summary["lc_win_rate"]) == (
+        measured["win_rate"], measured["win_rate_ci"], measured["lc_win_rate"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["win_rate"] == summary["win_rate"]
+    row = next(line for line in format_table(summary).splitlines() if line.startswith("win rate vs reference"))
+    assert f"{summary['win_rate']:10.3f}" in row and "judged by task:addition" in row
