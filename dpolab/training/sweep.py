@@ -71,21 +71,25 @@ def sweep(config: Config, grid: dict[str, list]) -> dict:
     the frontier."""
     out = Path(config.output_dir)
     configs = grid_configs(config, grid)
-    points = []
+    points, reference = [], {}
     for name, c in tqdm(configs, desc="sweep", unit="config", disable=not config.progress):
         log.info("sweep: %s", name)
         summary = run_config(dataclasses.replace(c, ref_cache_dir=config.ref_cache_dir or str(out / "ref_cache")),
                              out / "runs" / name)
         points.append({"name": name, **point(c.validate(), summary)})
-    frontier = {"task": config.task, "points": points}
+        if "task_reward_before" in summary:  # the reference itself: the frontier's point at KL 0
+            reference = {"task_reward": summary["task_reward_before"], "kl": 0.0,
+                         "task_reward_greedy": summary["task_reward_greedy_before"]}
+    frontier = {"task": config.task, "reference": reference, "points": points}
     write_json(out / "frontier.json", frontier)
     if any("kl" in p and "task_reward" in p for p in points):
-        plot_frontier(points, out / "frontier.png")
+        plot_frontier(points, reference, out / "frontier.png")
     return frontier
 
 
-def plot_frontier(points: list[dict], path: Path) -> None:
-    """Task reward (sampled, and greedy) against KL(π ‖ π_ref), one mark per configuration, labelled."""
+def plot_frontier(points: list[dict], reference: dict, path: Path) -> None:
+    """Task reward (sampled, and greedy) against KL(π ‖ π_ref), one mark per configuration, labelled, with
+    the reference's own rewards at KL 0."""
     from matplotlib.figure import Figure  # deferred: matplotlib is a heavy import
 
     fig = Figure(figsize=(6, 4), dpi=100)
@@ -95,6 +99,8 @@ def plot_frontier(points: list[dict], path: Path) -> None:
     ax.plot([p["kl"] for p in drawn], [p["task_reward"] for p in drawn], "o", label="task reward, sampled (T = 1)")
     ax.plot([p["kl"] for p in drawn], [p.get("task_reward_greedy", float("nan")) for p in drawn], "^",
             label="task reward, greedy")
+    if reference:
+        ax.plot([0, 0], [reference["task_reward"], reference["task_reward_greedy"]], "kx", label="reference")
     for p in drawn:
         ax.annotate(f"β={p['beta']:g}" if len({q['loss'] for q in drawn}) == 1 else f"{p['loss']} β={p['beta']:g}",
                     (p["kl"], p["task_reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
