@@ -9,7 +9,8 @@ and the tokenised data (never by β, loss or learning rate), so the first config
 the others read them.
 
 Resumable: a configuration with a ``summary.json`` is finished and kept; one that was stopped resumes from
-its newest checkpoint (or starts again when it has none). The results are ``OUT/frontier.json``
+its newest checkpoint (or starts again when it has none). With ``overwrite`` every configuration is trained
+afresh (the reference cache is kept: it is keyed by content). The results are ``OUT/frontier.json``
 (``points``, one per configuration), ``OUT/frontier.png`` (task reward against KL, one mark each) and the
 table :func:`format_frontier` prints.
 """
@@ -48,10 +49,10 @@ def grid_configs(base: Config, grid: dict[str, list]) -> list[tuple[str, Config]
 def run_config(config: Config, out: Path) -> dict:
     """Train one configuration in ``out`` (kept if finished, resumed if stopped), sharing ``ref_cache``."""
     summary_file = out / "summary.json"
-    if summary_file.is_file():
+    if summary_file.is_file() and not config.overwrite:
         return json.loads(summary_file.read_text())
     uses_ref = any(LOSSES[n].needs_ref for n in config.loss_names) and not config.reference_free
-    stopped = any((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else False
+    stopped = not config.overwrite and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
     config = dataclasses.replace(config, output_dir=str(out), resume=stopped, overwrite=not stopped,
                                  precompute_ref=config.precompute_ref or (uses_ref and not config.sync_ref_model))
     return loop.train(config.validate())
