@@ -84,6 +84,9 @@ def compare(model: str, ref_model: str | None = None, task: str | None = None, p
     ``win_rate.png``) under ``output`` (default runs/compare); returns the JSON."""
     if (task is None) == (prompts is None):
         raise ConfigError("compare needs exactly one of --task (its held-out prompts) and --prompts (a file)")
+    temperatures = temperatures if temperatures is not None else [0.0, 1.0]
+    if num_prompts < 1 or max_new_tokens < 1 or not temperatures or min(temperatures) < 0:
+        raise ConfigError("compare needs --num-prompts and --max-new-tokens ≥ 1 and --temperatures ≥ 0")
     if judge is None and task is None:
         raise ConfigError("compare --prompts needs --judge (with --task the judge defaults to the task's reward)")
     ref_name = ref_model or default_reference(model)
@@ -102,7 +105,7 @@ def compare(model: str, ref_model: str | None = None, task: str | None = None, p
     policy = load_model(model, trust_remote_code, allow_pickle_weights).eval()
     reference = load_model(ref_name, trust_remote_code, allow_pickle_weights).eval()
     rows = [judged_win_rate(policy, reference, tokenizer, texts[:num_prompts], judge_obj, cache, t, seed,
-                            max_new_tokens) for t in (temperatures if temperatures is not None else [0.0, 1.0])]
+                            max_new_tokens) for t in temperatures]
     result = {"model": model, "reference": ref_name, "judge": judge_obj.identity, "seed": seed,
               **(rows[0] if len(rows) == 1 else {}), "by_temperature": rows}
     write_json(out / "compare.json", result)

@@ -99,6 +99,9 @@ class LocalChoice:
 
     def __init__(self, path: str, trust_remote_code: bool = False):
         self.tokenizer = load_tokenizer(path, trust_remote_code)
+        if not self.tokenizer.chat_template:
+            raise JudgeFailure(f"{path} has no chat template: an llm judge is a chat model (for a model that "
+                               "scores answers, use reward_model:PATH)")
         self.model = load_model(path, trust_remote_code).eval()
         self.letters = [self.tokenizer.encode(c, add_special_tokens=False)[0] for c in "AB"]
 

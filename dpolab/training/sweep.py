@@ -42,8 +42,8 @@ def grid_configs(base: Config, grid: dict[str, list]) -> list[tuple[str, Config]
         loss = str(loss).replace("+", ",")
         name = f"beta={beta:g}_loss={loss.replace(',', '+')}_lr={lr:g}" if beta is not None else \
             f"loss={loss.replace(',', '+')}_lr={lr:g}"
-        out.append((name, dataclasses.replace(base, beta=beta, loss=loss, learning_rate=lr)))
-    return out
+        out.append((name, dataclasses.replace(base, beta=beta, loss=loss, learning_rate=lr).validate()))
+    return out  # every configuration checked before the first one trains
 
 
 def run_config(config: Config, out: Path) -> dict:
@@ -77,7 +77,7 @@ def sweep(config: Config, grid: dict[str, list]) -> dict:
         log.info("sweep: %s", name)
         summary = run_config(dataclasses.replace(c, ref_cache_dir=config.ref_cache_dir or str(out / "ref_cache")),
                              out / "runs" / name)
-        points.append({"name": name, **point(c.validate(), summary)})
+        points.append({"name": name, **point(c, summary)})
         if "task_reward_before" in summary:  # the reference itself: the frontier's point at KL 0
             reference = {"task_reward": summary["task_reward_before"], "kl": 0.0,
                          "task_reward_greedy": summary["task_reward_greedy_before"]}
