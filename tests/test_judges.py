@@ -147,7 +147,7 @@ class ChatServer:
         self.requests = 0
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(handler):  # noqa: N805
+            def do_POST(handler):
                 self.requests += 1
                 body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
                 if reply is not None:
@@ -165,7 +165,7 @@ class ChatServer:
                 handler.end_headers()
                 handler.wfile.write(data)
 
-            def log_message(handler, *args):  # noqa: N805
+            def log_message(handler, *args):
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -113,8 +113,9 @@ JUDGES: dict[str, Callable[[str, Settings], object]] = {
 }
 
 
-def load_judge(spec: str, settings: Settings = Settings()):
+def load_judge(spec: str, settings: Settings | None = None):
     """The judge named ``spec`` (see the module's docstring); a bad name is one paragraph."""
+    settings = settings or Settings()
     kind, _, arg = spec.partition(":")
     if kind not in JUDGES:
         kind, arg = ("task", spec) if spec in builtin_tasks() else ("function", spec) if ":" in spec else ("", "")
@@ -170,7 +171,7 @@ def judge_pairs(judge, pairs: list[tuple], cache: JudgmentCache, progress: bool 
         if key not in cache.values:
             try:
                 cache.put(key, judge(prompt, a, b))
-            except Exception as e:  # noqa: BLE001  the judge is the user's code or a remote service
+            except Exception as e:  # the judge is the user's code, a model or a remote service: say which pair
                 reason = str(e) if isinstance(e, JudgeFailure) else f"{type(e).__name__}: {e}"
                 kept = f", kept in {cache.path}" if cache.path is not None else ""
                 raise JudgeError(f"judge {judge.identity} failed on pair {i + 1} of {len(pairs)} (prompt "
