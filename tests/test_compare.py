@@ -41,7 +41,6 @@ def test_length_controlled_win_rate_by_hand():
     assert length_controlled([1, 0, 0.5, 1], [2, 2, 2, 2]) == 0.625  # no length difference: the win rate
 
 
-@pytest.mark.slow  # about 10 s on a loaded 2-core machine: four samplings and a plot
 def test_compare_counts_what_the_judge_says_of_the_sampled_answers(tiny_model, other_model, tmp_path, monkeypatch):
     """Both models sampled with the same seed; the counts, lengths and EOS rates recomputed here from
     sample() directly, judged by a length judge written by hand."""

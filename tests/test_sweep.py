@@ -28,7 +28,7 @@ def settings(tiny_model, prefs, out):
                                   task_samples=1, task_max_new_tokens=3))
 
 
-@pytest.mark.slow  # six tiny runs with task reports: 9 s alone, over a minute on a loaded 2-core machine
+@pytest.mark.slow  # six tiny runs with task reports: 8 s with OMP_NUM_THREADS=1, a minute on a loaded machine
 def test_a_killed_sweep_resumes_to_the_uninterrupted_frontier(tiny_model, prefs, tmp_path, monkeypatch):
     grid = {"beta": [0.1, 1.0]}
     tables = []
