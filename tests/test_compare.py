@@ -106,3 +106,13 @@ def test_train_with_a_task_reports_the_win_rate_compare_measures(run_config, tmp
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["win_rate"] == summary["win_rate"]
     row = next(line for line in format_table(summary).splitlines() if line.startswith("win rate vs reference"))
     assert f"{summary['win_rate']:10.3f}" in row and "judged by task:addition" in row
+
+
+def test_train_refuses_a_judge_without_a_task_and_a_bad_judge_before_training(run_config, tmp_path):
+    import dpolab
+
+    with pytest.raises(dpolab.ConfigError, match="judge: dpolab train judges answers to a task's held-out prompts"):
+        dpolab.train(**run_config(judge="addition"))
+    with pytest.raises(dpolab.DpolabError, match="unknown judge 'nonsense'"):
+        dpolab.train(**run_config(task="addition", judge="nonsense"))
+    assert not (tmp_path / "run" / "final").exists()

@@ -253,3 +253,17 @@ def test_an_unreachable_endpoint_is_one_paragraph_after_bounded_retries():
     text = str(e.value)
     assert f"http://127.0.0.1:{port}/v1/chat/completions is unreachable after 3 tries" in text
     assert "failed on pair 1 of 4" in text and "0 of 4 pairs were judged" in text and "\n" not in text
+
+
+def test_an_llm_judge_needs_a_chat_model(tiny_model, tmp_path):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for f in plain.glob("chat_template.*"):
+        f.unlink()
+    with pytest.raises(JudgeError, match=f"judge llm:{plain}: {plain} has no chat template"):
+        load_judge(f"llm:{plain}")
