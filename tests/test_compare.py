@@ -25,12 +25,11 @@ def test_wilson_interval_by_hand():
 
 
 def test_length_controlled_win_rate_by_hand():
-    """Half the pairs have the model's answer longer (d = +1), half shorter (d = −1); it wins 4 of 5 when
-    longer; when shorter it wins 1, ties 2 and loses 2 of 5 (ties as half: p₋ = 0.4). With two values of d the logistic model is saturated:
-    σ(θ₀ + θ₁) = p₊ and σ(θ₀ − θ₁) = p₋, so θ₀ = (logit p₊ + logit p₋)/2 and LC = σ(θ₀) = √o/(1 + √o) with
-    o = odds₊·odds₋. Here p₊ = 0.8 (odds 4) and p₋ = 0.4 (odds 2/3): o = 8/3, LC = 0.62020, while the raw
-    win rate is 0.6: the model wins more when its answers are longer, and its length-controlled rate
-    averages the two groups in logit space."""
+    """Half the pairs have the model's answer longer (d = +1), half shorter (d = −1). When longer it wins 4
+    of 5; when shorter it wins 1, ties 2 and loses 2 of 5 (ties as half: p₋ = 0.4). With two values of d the
+    logistic model is saturated: σ(θ₀ + θ₁) = p₊ and σ(θ₀ − θ₁) = p₋, so θ₀ = (logit p₊ + logit p₋)/2 and
+    LC = σ(θ₀) = √o/(1 + √o) with o = odds₊·odds₋. Here p₊ = 0.8 (odds 4) and p₋ = 0.4 (odds 2/3): o = 8/3,
+    LC = 0.62020, while the raw win rate is 0.6: LC averages the two groups in logit space."""
     prefs = [1, 1, 1, 1, 0] + [1, 0.5, 0.5, 0, 0]  # p₋ = (1 + 0.5 + 0.5)/5 = 0.4
     diffs = [3] * 5 + [-3] * 5  # standardised: ±1
     o = 4 * (2 / 3)
