@@ -18,11 +18,13 @@ import traceback
 from dpolab.commands import COMMANDS, coerce, field_type, load_config
 from dpolab.config import _fields
 from dpolab.errors import DpolabError, Interrupted
+from dpolab.evaluation.compare import compare, format_comparison
 from dpolab.evaluation.heldout import evaluate, score
 from dpolab.evaluation.pairs import make_pairs
 from dpolab.evaluation.task_eval import evaluate_task, format_table
 from dpolab.models.adapters import merge
 from dpolab.training.loop import train
+from dpolab.training.sweep import format_frontier, sweep
 
 
 def add_flags(parser: argparse.ArgumentParser, names, required=()) -> None:
@@ -100,8 +102,21 @@ def run_merge(args: argparse.Namespace, values: dict) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace, values: dict) -> int:
+    result = compare(**values)
+    print(json.dumps(result) if args.json else format_comparison(result))
+    return 0
+
+
+def run_sweep(args: argparse.Namespace, values: dict) -> int:
+    grid = {k: values.pop(k) for k in COMMANDS["sweep"].grid if k in values}
+    frontier = sweep(load_config(None, values), grid)
+    print(json.dumps(frontier) if args.json else format_frontier(frontier))
+    return 0
+
+
 HANDLERS = {"train": run_train, "eval": run_eval, "make-pairs": run_make_pairs, "task-eval": run_task_eval,
-            "score": run_score, "merge": run_merge}
+            "score": run_score, "merge": run_merge, "compare": run_compare, "sweep": run_sweep}
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -109,7 +124,9 @@ def run(argv: list[str] | None = None) -> int:
     whose defaults are the config's (a test pins that)."""
     args = parser().parse_args(argv)
     flags = {k: getattr(args, k) for k in COMMANDS[args.command].fields if getattr(args, k, None) is not None}
-    values = {k: coerce(k, v, "--" + k.replace("_", "-")) for k, v in flags.items()}
+    grid = COMMANDS[args.command].grid  # a comma-separated list of values, each parsed as the field's type
+    values = {k: [coerce(k, x, "--" + k.replace("_", "-")) for x in v.split(",")] if k in grid
+              else coerce(k, v, "--" + k.replace("_", "-")) for k, v in flags.items()}
     return HANDLERS[args.command](args, values)
 
 

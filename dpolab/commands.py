@@ -27,6 +27,7 @@ class Command(NamedTuple):
     fields: tuple[str, ...]  # the config fields it takes, in --help order
     required: tuple[str, ...] = ()
     json: bool = False  # has --json (print one JSON object)
+    grid: tuple[str, ...] = ()  # fields that take a comma-separated list of values, one run each (sweep)
 
 
 MODEL = ("model", "trust_remote_code", "allow_pickle_weights")
@@ -35,7 +36,7 @@ DATA = ("data", "max_length", "max_prompt_length", "seed", "skip_invalid", "igno
 SAMPLING = ("num_samples", "temperature", "seed", "max_new_tokens")
 # Fields of the sampling and scoring commands only; training takes every other field.
 NOT_TRAINING = ("prompts", "reward", "output", "num_prompts", "num_samples", "temperature", "max_new_tokens",
-                "prompt", "response", "adapter")
+                "prompt", "response", "adapter", "temperatures")
 
 COMMANDS = {
     "train": Command("train a policy (no arguments: the embedded default)",
@@ -56,6 +57,15 @@ COMMANDS = {
                      required=("model", "prompt", "response"), json=True),
     "merge": Command("fold a LoRA adapter (e.g. a LoRA run's final/) into its base weights",
                      ("adapter", "output", "trust_remote_code", "allow_pickle_weights"), required=("adapter", "output")),
+    "compare": Command("judged win rate of a model against its reference on held-out prompts, per sampling "
+                       "temperature (compare.json, win_rate.png and the judgments cache in --output)",
+                       (*MODEL, "ref_model", "task", "prompts", "judge", "num_prompts", "temperatures", "seed",
+                        "max_new_tokens", "output", "judge_model", "judge_api_key_env", "judge_timeout"),
+                       required=("model",), json=True),
+    "sweep": Command("train a grid of settings (comma-separated --beta, --loss, --learning-rate; a combined loss "
+                     "as sigmoid+sft) from one reference pass, and write the reward-KL frontier",
+                     tuple(f for f in _fields() if f not in NOT_TRAINING), json=True,
+                     grid=("beta", "loss", "learning_rate")),
 }
 
 

@@ -158,6 +158,18 @@ class Config:
     prompt: str | None = opt(None, "The prompt of the answer to score.")
     response: str | None = opt(None, "The answer to score.")
     adapter: str | None = opt(None, "A PEFT adapter folder (adapter_config.json), e.g. a LoRA run's final/.")
+    # --- judges (dpolab compare, sweep, and train --task): dpolab.evaluation.judges
+    judge: str | None = opt(None, "Who judges which of two answers is better: task:NAME (a task's reward), "
+                                  "module:function (pointwise (prompt, completion) -> float, or pairwise "
+                                  "(prompt, a, b) -> preference), reward_model:PATH, llm:PATH (a local chat "
+                                  "model, both orders), endpoint:BASE_URL (OpenAI-compatible). Unset: the "
+                                  "task's reward.")
+    judge_model: str = opt("default", "Model name sent to an endpoint judge.")
+    judge_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding an endpoint judge's key "
+                                                   "(none set: no Authorization header).")
+    judge_timeout: float = opt(30.0, "Seconds an endpoint judge may take per request (each tried 3 times).")
+    temperatures: list[float] | None = opt(None, "Comma-separated sampling temperatures of dpolab compare "
+                                                 "(0: greedy). Unset: 0,1.")
 
     # ------------------------------------------------------------------
     def validate(self) -> "Config":
@@ -241,6 +253,9 @@ def _check_ranges(c: Config) -> None:
     _need(min(c.num_prompts, c.num_samples, c.max_new_tokens) >= 1,
           "num_prompts, num_samples and max_new_tokens must be ≥ 1")
     _need(c.temperature >= 0, f"temperature must be ≥ 0, got {c.temperature}")
+    _need(c.judge_timeout > 0, f"judge_timeout must be > 0, got {c.judge_timeout}")
+    _need(c.temperatures is None or (c.temperatures and min(c.temperatures) >= 0),
+          f"temperatures must be ≥ 0, got {c.temperatures}")
 
 
 def _check_reference(c: Config) -> None:

@@ -72,3 +72,8 @@ def write_failure(path: Path | str, e: BaseException, last_checkpoint: str | Non
     where = (f"the previous checkpoint, {last_checkpoint}, is intact: free space and continue with --resume"
              if last_checkpoint else "no checkpoint was saved before this (see --save-every)")
     return f"could not write {path}: {reason}{free}. Stopped; {where}"
+
+
+class JudgeError(DpolabError):
+    """A judge that cannot be built (unknown name, missing model) or that failed while judging (bad output,
+    an endpoint down); the message says how many pairs were judged before it stopped."""

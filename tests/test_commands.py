@@ -10,13 +10,15 @@ import dpolab
 from dpolab import cli
 from dpolab.commands import COMMANDS
 from dpolab.config import Config, _fields
+from dpolab.evaluation.compare import compare
 from dpolab.evaluation.heldout import score
 from dpolab.evaluation.pairs import make_pairs
 from dpolab.evaluation.task_eval import evaluate_task
 from dpolab.models.adapters import merge
 from tests.conftest import preference_rows, write_jsonl
 
-FUNCTIONS = {"make-pairs": make_pairs, "task-eval": evaluate_task, "score": score, "merge": merge}
+FUNCTIONS = {"make-pairs": make_pairs, "task-eval": evaluate_task, "score": score, "merge": merge,
+             "compare": compare}
 
 
 @pytest.mark.parametrize("command", sorted(FUNCTIONS))
@@ -46,14 +48,14 @@ def test_flags_are_exactly_the_declared_fields():
 def test_a_setting_the_command_does_not_take_is_refused_everywhere(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(4))
     with pytest.raises(dpolab.ConfigError, match=r"lora_r does nothing in dpolab eval \(it is a setting of "
-                                                 r"dpolab train\)"):
+                                                 r"dpolab train"):
         dpolab.evaluate(str(tiny_model), str(data), lora_r=8)
     with pytest.raises(dpolab.ConfigError, match="temperature does nothing in dpolab train"):
         dpolab.train(model=str(tiny_model), data=str(data), temperature=0.5)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("max_steps: 1\nprompts: my.txt\n")
     assert cli.main(["train", "--config", str(recipe)]) == 2
-    assert "prompts does nothing in dpolab train (it is a setting of dpolab make-pairs)" in capsys.readouterr().err
+    assert "prompts does nothing in dpolab train (it is a setting of dpolab make-pairs" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # no such flag: argparse's one-line refusal
         cli.main(["eval", "--model", str(tiny_model), "--data", str(data), "--lora-r", "8"])
     assert e.value.code == 2

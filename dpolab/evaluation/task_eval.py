@@ -79,6 +79,10 @@ def format_table(summary: dict) -> str:
             lines.append(f"{label:32s} {before.get(key, float('nan')):10.3f} {ev[key]:10.3f}")
     if "kl" in summary:
         lines.append(f"{'KL(policy ‖ reference), nats':32s} {0.0:10.3f} {summary['kl']:10.3f}")
+    if "win_rate" in summary:  # the reference against itself: 0.5 by definition
+        lo, hi = summary["win_rate_ci"]
+        lines.append(f"{'win rate vs reference (T = 1)':32s} {0.5:10.3f} {summary['win_rate']:10.3f}   "
+                     f"95% [{lo:.3f}, {hi:.3f}], judged by {summary['judge']}")
     return "\n".join(lines)
 
 

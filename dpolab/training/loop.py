@@ -24,7 +24,9 @@ from dpolab.config import Config
 from dpolab.data.batch import Collate
 from dpolab.data.records import Example
 from dpolab.errors import ConfigError, Interrupted
+from dpolab.evaluation.compare import judged_win_rate
 from dpolab.evaluation.heldout import evaluate_examples
+from dpolab.evaluation.judges import JudgmentCache, Settings, load_judge
 from dpolab.evaluation.task_eval import before_after, task_report
 from dpolab.losses import tr_dpo_update_
 from dpolab.models import adapters
@@ -51,6 +53,7 @@ class Run:
     accelerator: Any
     objective: Objective
     task: Any  # a dpolab.tasks.Task, or None
+    judge: Any  # with a task: the judge of the win rate against the reference (dpolab.evaluation.judges)
     tokenizer: Any
     collate: Collate  # examples → batches in the run's layout
     reference_kind: str  # dpolab.models.reference.choose_reference
@@ -101,6 +104,10 @@ def check_settings_and_data(config: Config) -> Run:
     check_output_dir(out, config.resume, config.overwrite)
     checkpoints = checkpoints_to_resume(out, config)
     task = load_task_or_refuse(config.task)
+    if config.judge is not None and task is None:
+        raise ConfigError("judge: dpolab train judges answers to a task's held-out prompts; give --task too")
+    judge = load_judge(config.judge or config.task, Settings(config.judge_model, config.judge_api_key_env,
+                       config.judge_timeout, config.trust_remote_code)) if task is not None else None
     records = builder.read_records(config, objective)  # bad data is refused before the tokenizer or any model
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_examples, eval_examples = builder.load_examples(config, objective, tokenizer, records)
@@ -109,7 +116,7 @@ def check_settings_and_data(config: Config) -> Run:
     steps_per_epoch = len(train_examples) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_examples)} training examples is fewer than batch_size {config.batch_size}")
-    return Run(config, accelerator, objective, task, tokenizer, builder.collate_for(config, tokenizer), kind,
+    return Run(config, accelerator, objective, task, judge, tokenizer, builder.collate_for(config, tokenizer), kind,
                train_examples, eval_examples, digest, checkpoints, steps_per_epoch=steps_per_epoch,
                total_steps=config.max_steps or math.ceil(config.epochs * steps_per_epoch))
 
@@ -242,7 +249,7 @@ def finish(run: Run, files: RunFiles, progress: Progress, runtime: float) -> dic
     summary = {"steps": run.total_steps, "skipped_steps": progress.guard.total, "train_runtime_seconds": runtime,
                "train": progress.last, "eval_before": progress.eval_before, "eval": eval_after}
     if run.task is not None and run.accelerator.is_main_process:
-        summary |= run_task_report(run.config, run.task, run.model, run.tokenizer)
+        summary |= run_task_report(run.config, run.task, run.judge, run.model, run.tokenizer)
     if "eval/rewards/accuracies" in eval_after:  # paired data (unpaired rows have no pairs to rank)
         summary["eval_reward_accuracy"] = eval_after["eval/rewards/accuracies"]
     run.accelerator.wait_for_everyone()
@@ -261,8 +268,9 @@ def load_task_or_refuse(spec: str | None):
         raise ConfigError(f"task: {e}") from None
 
 
-def run_task_report(config: Config, task, policy, tokenizer) -> dict[str, float]:
-    """Task reward of the reference and of the trained policy, same prompts and seeds; KL from samples."""
+def run_task_report(config: Config, task, judge, policy, tokenizer) -> dict[str, float]:
+    """Task reward of the reference and of the trained policy, same prompts and seeds; KL from samples; the
+    judged win rate of the policy against the reference (T = 1, one answer each per prompt)."""
     reference = load_model(config.ref_model or config.model, config.trust_remote_code, config.allow_pickle_weights,
                            attn_implementation=config.attn_implementation)
     reference.to(next(policy.parameters()).device)
@@ -270,6 +278,10 @@ def run_task_report(config: Config, task, policy, tokenizer) -> dict[str, float]
                 max_new_tokens=config.task_max_new_tokens, collate=builder.collate_for(config, tokenizer))
     before = task_report(reference, reference, tokenizer, task, **args)
     after = task_report(policy, reference, tokenizer, task, **args)
-    return before_after(before, after)
+    win = judged_win_rate(policy, reference, tokenizer, list(task.eval_prompts[:config.task_prompts]), judge,
+                          JudgmentCache(Path(config.output_dir) / "judgments.jsonl"), 1.0, config.seed,
+                          config.task_max_new_tokens, progress=False)
+    return before_after(before, after) | {k: win[k] for k in ("win_rate", "win_rate_ci", "lc_win_rate")} | {
+        "judge": judge.identity}
 
 
