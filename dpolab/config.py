@@ -158,6 +158,15 @@ class Config:
     prompt: str | None = opt(None, "The prompt of the answer to score.")
     response: str | None = opt(None, "The answer to score.")
     adapter: str | None = opt(None, "A PEFT adapter folder (adapter_config.json), e.g. a LoRA run's final/.")
+    # --- the ecosystem: trackers, warm-up in steps (as TRL recipes give it), chat templates
+    report_to: str = opt("tensorboard", "Comma-separated experiment trackers the metrics also go to, through "
+                                        "Accelerate's tracking API: tensorboard, wandb, mlflow, or none "
+                                        "(metrics.jsonl is always written).")
+    warmup_steps: int = opt(0, "Optimizer steps of linear warm-up; when > 0 it replaces --warmup-ratio.")
+    template_mismatch: str = opt("error", "A chat template that does not render the prompt as a prefix of prompt "
+                                          "+ completion: error (naming the row and the first differing token) or "
+                                          "warn (split at the longest common token prefix, warning once).",
+                                 choices=("error", "warn"))
 
     # ------------------------------------------------------------------
     def validate(self) -> "Config":
@@ -241,6 +250,9 @@ def _check_ranges(c: Config) -> None:
     _need(min(c.num_prompts, c.num_samples, c.max_new_tokens) >= 1,
           "num_prompts, num_samples and max_new_tokens must be ≥ 1")
     _need(c.temperature >= 0, f"temperature must be ≥ 0, got {c.temperature}")
+    _need(c.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {c.warmup_steps}")
+    bad = [t for t in trackers(c.report_to) if t not in TRACKERS]
+    _need(not bad, f"report_to: unknown tracker {', '.join(bad)}; known: {', '.join(TRACKERS)}, or none")
 
 
 def _check_reference(c: Config) -> None:
@@ -258,6 +270,19 @@ def _check_reference(c: Config) -> None:
         _need(uses_ref, "sync_ref_model (TR-DPO) needs a loss with a reference model")
         _need(not c.precompute_ref, "sync_ref_model (TR-DPO) updates the reference, so it cannot be "
                                     "precomputed: drop --precompute-ref")
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def trackers(report_to: str) -> list[str]:
+    """The trackers of a --report-to value ("none": no tracker).
+
+    >>> trackers("tensorboard, wandb"), trackers("none")
+    (['tensorboard', 'wandb'], [])
+    """
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    return [] if names == ["none"] else names
+
 
 def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Config)}

@@ -134,7 +134,7 @@ def build_models(run: Run) -> None:
     from transformers import get_scheduler  # deferred: transformers is a heavy import
 
     run.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_training_steps=run.total_steps,
-                                  num_warmup_steps=int(config.warmup_ratio * run.total_steps))
+                                  num_warmup_steps=config.warmup_steps or int(config.warmup_ratio * run.total_steps))
     run.policy, run.optimizer = accelerator.prepare(policy, optimizer)
     run.model = accelerator.unwrap_model(run.policy).model
     run.synced_ref = run.train_ref.logps.model if config.sync_ref_model else None
