@@ -126,7 +126,8 @@ def load_examples(config: Config, objective: Objective, tokenizer, records: tupl
 
 def tokenize_for(config: Config, objective: Objective, records, tokenizer) -> list[Example]:
     """Tokenise records by SPEC §4, adding KTO's mismatched completions when a loss needs them."""
-    examples = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length)
+    examples = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length,
+                                config.template_mismatch)
     if objective.needs_kl:
         examples = add_mismatched_completions(examples, config.seed, config.max_length)
     return examples
