@@ -89,7 +89,7 @@ def check_settings_and_data(config: Config) -> Run:
     and the processes, the output directory and a resume, the task, the data (rows, then tokenised)."""
     builder.check_environment(config)
     out = Path(config.output_dir)
-    accelerator = builder.make_accelerator(config)
+    accelerator = builder.make_accelerator(config, with_trackers=True)
     world = accelerator.num_processes
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
@@ -191,7 +191,8 @@ def train(config: Config) -> dict:
     """Train a policy as ``config`` says; return the summary also written to ``summary.json``."""
     config = builder.resolve_defaults(config)
     run = check_settings_and_data(config)
-    files = RunFiles(Path(config.output_dir), run.accelerator.is_main_process, config.save_total_limit)
+    files = RunFiles(Path(config.output_dir), run.accelerator.is_main_process, config.save_total_limit,
+                     run.accelerator)
     files.prepare(config.overwrite)  # only now that settings and data are known to be good
     run.accelerator.wait_for_everyone()
     build_models(run)

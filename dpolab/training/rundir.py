@@ -26,8 +26,9 @@ from dpolab.errors import writing
 class RunFiles:
     """The output directory of one run, written by the main process (the others hold a no-op)."""
 
-    def __init__(self, out: Path, main: bool, keep_checkpoints: int):
+    def __init__(self, out: Path, main: bool, keep_checkpoints: int, accelerator=None):
         self.out, self.main, self.keep = out, main, keep_checkpoints
+        self.accelerator = accelerator  # its trackers (--report-to) receive what metrics.jsonl receives
         self.saved: list[str] = []  # checkpoints written or resumed from, oldest first
         self.metrics: M.MetricsLog | None = None
 
@@ -48,8 +49,17 @@ class RunFiles:
             return
         with writing(self.out / "config.yaml", self.last_saved):
             config.save(self.out / "config.yaml", COMMANDS["train"].fields)
+        mirror = None
+        if self.accelerator is not None and self.accelerator.log_with:
+            try:
+                self.accelerator.init_trackers("dpolab", config=tracker_config(config))
+            except Exception as e:  # the tracker's own set-up (a server, a store, a login) refused
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"report_to {config.report_to}: a tracker could not start ({first}); fix its "
+                                  "settings or remove it from --report-to") from None
+            mirror = lambda values, step: self.accelerator.log(values, step=step)  # noqa: E731
         with writing(self.out / "metrics.jsonl", self.last_saved):
-            self.metrics = M.MetricsLog(self.out, resume_step)
+            self.metrics = M.MetricsLog(self.out, resume_step, mirror)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.main:
@@ -68,9 +78,16 @@ class RunFiles:
             save_final(self.out, model, tokenizer, config, state_dict, objective_state)
         with writing(self.out / "summary.json", self.last_saved):
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.metrics.close()
+        if self.metrics.mirror is not None:
+            self.accelerator.end_training()
         with writing(self.out / "plots", self.last_saved):
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+
+
+def tracker_config(config: Config) -> dict:
+    """The run's settings as trackers store them (numbers, strings and booleans; anything else as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in config.to_dict().items() if k in COMMANDS["train"].fields}
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
