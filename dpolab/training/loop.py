@@ -241,7 +241,9 @@ def finish(run: Run, files: RunFiles, progress: Progress, runtime: float) -> dic
     """Held-out metrics after training, the task report, then ``final/``, ``summary.json`` and the plots."""
     eval_after = evaluate_run(run, files, run.total_steps)
     summary = {"steps": run.total_steps, "skipped_steps": progress.guard.total, "train_runtime_seconds": runtime,
-               "train": progress.last, "eval_before": progress.eval_before, "eval": eval_after}
+               "train": progress.last, "eval_before": progress.eval_before, "eval": eval_after,
+               "data": {"digest": run.digest, "train_examples": len(run.train_examples),
+                        "eval_examples": len(run.eval_examples)}}
     if run.task is not None and run.accelerator.is_main_process:
         summary |= run_task_report(run.config, run.task, run.model, run.tokenizer)
     if "eval/rewards/accuracies" in eval_after:  # paired data (unpaired rows have no pairs to rank)

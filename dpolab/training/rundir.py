@@ -13,12 +13,13 @@ import shutil
 from pathlib import Path
 
 from dpolab.commands import COMMANDS
-from dpolab.config import Config
+from dpolab.config import Config, _fields
 from dpolab.errors import ConfigError
 from dpolab.evaluation import metrics as M
 from dpolab.evaluation.plots import plot_metrics
 from dpolab.models import adapters
 from dpolab.models.record import RECORD, run_record
+from dpolab.training.card import render_card
 from dpolab.training.checkpoint import save_checkpoint
 from dpolab.errors import writing
 
@@ -74,8 +75,11 @@ class RunFiles:
         """``final/`` (atomically), ``summary.json`` and the plots."""
         if not self.main:
             return
+        train = COMMANDS["train"].fields
+        card = render_card({k: v for k, v in config.to_dict().items() if k in train},
+                           {k: f.default for k, f in _fields().items() if k in train}, summary, adapters.is_peft(model))
         with writing(self.out / "final", self.last_saved, partial=self.out / ".final.tmp"):
-            save_final(self.out, model, tokenizer, config, state_dict, objective_state)
+            save_final(self.out, model, tokenizer, config, state_dict, objective_state, card)
         with writing(self.out / "summary.json", self.last_saved):
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.metrics.mirror is not None:
@@ -106,10 +110,11 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def save_final(out: Path, model, tokenizer, config: Config, state_dict=None, objective_state: dict | None = None
-               ) -> None:
-    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, plus ``dpolab.json``,
-    what ``dpolab eval`` and ``score`` need to measure with the run's own reference and objective; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
+def save_final(out: Path, model, tokenizer, config: Config, state_dict=None, objective_state: dict | None = None,
+               card: str | None = None) -> None:
+    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, the model ``card``
+    (``README.md``), and ``dpolab.json``, what ``dpolab eval`` and ``score`` need to measure with the run's own
+    reference and objective; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
     Written beside and renamed into place, so a crash never leaves a half-written ``final/``."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,6 +124,8 @@ def save_final(out: Path, model, tokenizer, config: Config, state_dict=None, obj
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / RECORD).write_text(json.dumps(run_record(config, objective_state or {}), indent=2))
+    if card is not None:  # the model card, README.md (PEFT writes a stub of its own: replaced)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if config.merge_on_save:
