@@ -33,7 +33,7 @@ IGNORED = ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "h
            "dataloader_pin_memory", "dataset_num_proc", "preprocessing_num_workers", "do_train", "do_eval",
            "eval_strategy", "evaluation_strategy", "save_strategy", "save_only_model", "per_device_eval_batch_size",
            "overwrite_output_dir", "remove_unused_columns", "gradient_checkpointing_kwargs", "disable_tqdm",
-           "report_on_main_process", "local_rank", "tf32", "disable_dropout", "precompute_ref_batch_size",
+           "report_on_main_process", "local_rank", "tf32", "precompute_ref_batch_size",
            "pad_to_multiple_of", "bf16_full_eval", "log_on_each_node", "save_safetensors", "use_cpu",
            "ignore_bias_buffers")
 # Key → what to do instead: dpolab has no such setting, and silently dropping it would change the run.
@@ -49,6 +49,8 @@ REFUSED = {
     "fsdp": "launch under accelerate with an FSDP config (accelerate launch --config_file ..., docs/scaling.md)",
     "fsdp_config": "launch under accelerate with an FSDP config (accelerate launch --config_file ...)",
     "torch_compile": "dpolab does not compile the model: remove it",
+    "disable_dropout": "dpolab trains with the model's own dropout (none in most causal LMs); set the dropout "
+                       "fields of the model's config.json to 0 and remove the key",
     "use_liger_kernel": "dpolab has its own chunked LM-head pass (--logits-chunk): remove it",
     "padding_free": "dpolab packs rows by default (--layout packed): remove it",
     "activation_offloading": "use gradient_checkpointing to save activation memory",
@@ -92,6 +94,7 @@ def translate(raw: dict[str, Any], fields, where: str, given=()) -> tuple[dict[s
         values["warmup_ratio"] = values.pop("warmup_steps")
         mapped.append("warmup_steps < 1 → warmup_ratio")
     _batch(raw, values, mapped)
+    _strategies(raw, values, mapped)
     _losses(raw, values, mapped, where)
     _model(raw, values, mapped, where)
     if "data" in given:
@@ -127,6 +130,22 @@ def _batch(raw: dict, values: dict, mapped: list[str]) -> None:
     if raw.get("truncation_mode") == "keep_end":
         raise ConfigError("truncation_mode: keep_end is not supported; dpolab cuts prompts from the left and "
                           "completions from the right (SPEC §4, TRL's keep_start): remove the key")
+
+
+def _strategies(raw: dict, values: dict, mapped: list[str]) -> None:
+    """TrainingArguments' eval and save strategies: "no" turns the periodic ones off (dpolab still evaluates
+    before and after training), "steps" uses eval_steps / save_steps, "epoch" has no dpolab setting."""
+    for strategy, field, steps in (("eval_strategy", "eval_every", "eval_steps"),
+                                   ("evaluation_strategy", "eval_every", "eval_steps"),
+                                   ("save_strategy", "save_every", "save_steps")):
+        value = raw.get(strategy, "steps")
+        value = "no" if value is False else str(value).lower()  # YAML reads a bare no as false
+        if value == "no":
+            values[field] = 0
+            mapped.append(f"{strategy} no → {field} 0")
+        elif value not in ("steps", "best"):
+            raise ConfigError(f"{strategy}: {value!r} is not supported; dpolab evaluates and saves every N "
+                              f"steps: set {strategy}: steps and {steps}")
 
 
 def _losses(raw: dict, values: dict, mapped: list[str], where: str) -> None:

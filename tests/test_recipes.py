@@ -114,3 +114,14 @@ def test_the_qlora_recipe_is_refused_without_cuda_in_one_paragraph(tiny_model, t
     err = capsys.readouterr().err.strip()
     assert "load_in_4bit: QLoRA (4-bit base weights) needs" in err and "\n" not in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_eval_and_save_strategies(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model_name_or_path: m\neval_strategy: no\neval_steps: 10\nsave_strategy: steps\n"
+                    "save_steps: 30\n")
+    c = load_config(str(path), GIVEN)
+    assert (c.eval_every, c.save_every) == (0, 30)
+    path.write_text("model_name_or_path: m\nsave_strategy: epoch\n")
+    with pytest.raises(ConfigError, match="save_strategy: 'epoch' is not supported"):
+        load_config(str(path), GIVEN)
