@@ -82,8 +82,9 @@ class RunFiles:
             save_final(self.out, model, tokenizer, config, state_dict, objective_state, card)
         with writing(self.out / "summary.json", self.last_saved):
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if self.metrics.mirror is not None:
-            self.accelerator.end_training()
+        if self.metrics.mirror is not None:  # not end_training(): it also destroys the process group
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
         with writing(self.out / "plots", self.last_saved):
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
 
