@@ -26,7 +26,8 @@ RENAMED = {"model_name_or_path": "model", "num_train_epochs": "epochs", "lr_sche
 # Keys translate() combines into dpolab fields (batch, losses, dtype, PEFT, data).
 COMBINED = ("per_device_train_batch_size", "loss_type", "rpo_alpha", "torch_dtype", "dtype", "use_peft",
             "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "dataset_mixer",
-            "dataset_mixture", "dataset_splits", "max_steps", "optim", "model_revision", "truncation_mode")
+            "dataset_mixture", "dataset_splits", "max_steps", "optim", "model_revision", "truncation_mode",
+            "bnb_4bit_quant_type", "use_bnb_nested_quant")
 IGNORED = ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_token", "hub_revision",
            "run_name", "log_level", "log_level_replica", "logging_strategy", "logging_first_step", "logging_dir",
            "ddp_timeout", "ddp_find_unused_parameters", "ddp_backend", "dataloader_num_workers",
@@ -173,6 +174,9 @@ def _model(raw: dict, values: dict, mapped: list[str], where: str) -> None:
     if dtype == "bfloat16" and "bf16" not in raw:
         values["bf16"] = True
         mapped.append("dtype bfloat16 → bf16 (autocast; weights and optimizer stay float32)")
+    if raw.get("bnb_4bit_quant_type") not in (None, "nf4") or raw.get("use_bnb_nested_quant") is False:
+        raise ConfigError(f"{where}: dpolab's QLoRA loads the base in NF4 with double quantisation; set "
+                          "bnb_4bit_quant_type: nf4 and use_bnb_nested_quant: true, or remove them")
     if raw.get("model_revision") not in (None, "main"):
         raise ConfigError(f"{where}: model_revision {raw['model_revision']} is not supported; download that "
                           "revision into a folder and give the folder as model_name_or_path")
@@ -220,7 +224,9 @@ def _data(raw: dict, values: dict, mapped: list[str], where: str) -> None:
 
 
 def announce(where: str, mapped: list[str], ignored: list[str]) -> None:
-    """What a recipe's keys became, printed once at start."""
+    """What a recipe's keys became, printed once at start (by the first process of a launch)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     log.info("%s: a TRL / alignment-handbook recipe; mapped %s", where, "; ".join(mapped) or "nothing")
     if ignored:
         log.info("%s: ignored (Hub, launching and logging only): %s", where, ", ".join(ignored))

@@ -125,3 +125,14 @@ def test_eval_and_save_strategies(tmp_path):
     path.write_text("model_name_or_path: m\nsave_strategy: epoch\n")
     with pytest.raises(ConfigError, match="save_strategy: 'epoch' is not supported"):
         load_config(str(path), GIVEN)
+
+
+def test_quantisation_keys_that_match_dpolabs_qlora_are_accepted(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model_name_or_path: m\nuse_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: nf4\n"
+                    "use_bnb_nested_quant: true\n")
+    c = load_config(str(path), GIVEN)
+    assert (c.load_in_4bit, c.lora_r, c.lora_alpha) == (True, 16, 32)  # TRL ModelConfig's LoRA defaults
+    path.write_text("model_name_or_path: m\nuse_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: fp4\n")
+    with pytest.raises(ConfigError, match="NF4 with double quantisation"):
+        load_config(str(path), GIVEN)
