@@ -10,13 +10,14 @@ reference strategy, decided by :func:`dpolab.models.reference.choose_reference` 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 from pathlib import Path
 
 import torch
 
 from dpolab import embedded
-from dpolab.config import Config
+from dpolab.config import Config, trackers
 from dpolab.data.batch import Collate
 from dpolab.data.reading import load_records
 from dpolab.data.records import Example, split_records, unpair_records
@@ -61,13 +62,18 @@ def check_environment(config: Config) -> Config:
                               "LoRA adapters with --lora-r (or give an adapter folder as --model)")
         if (why := adapters.qlora_unavailable()) is not None:
             raise ConfigError(f"load_in_4bit: {why}")
+    for tracker in trackers(config.report_to):
+        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            raise ConfigError(f"report_to: {tracker} is not installed in this environment; install it (pip "
+                              f"install {'mlflow-skinny' if tracker == 'mlflow' else tracker}) or remove it from "
+                              "--report-to (metrics.jsonl is written either way)")
     return config
 
 
-def make_accelerator(config: Config):
-    """A fresh Accelerator per run. Accelerate keeps its precision in a process-wide singleton; it is
-    reset (keeping the process group) so that runs with different precision can follow one another in one
-    Python process, as in a notebook."""
+def make_accelerator(config: Config, with_trackers: bool = False):
+    """A fresh Accelerator per run, with the trackers of ``--report-to`` when ``with_trackers`` (training).
+    Accelerate keeps its precision in a process-wide singleton; it is reset (keeping the process group) so
+    that runs with different precision can follow one another in one Python process, as in a notebook."""
     from accelerate import Accelerator  # deferred: accelerate is a heavy import
     from accelerate.state import AcceleratorState
 
@@ -75,12 +81,29 @@ def make_accelerator(config: Config):
     # With no GPU (or other accelerator), Accelerate sets up a multi-process (gloo) group only when told to
     # use the CPU; otherwise every process of a torchrun launch would train alone on its own.
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not has_accelerator)
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not has_accelerator,
+                              log_with=make_trackers(config) if with_trackers else None)
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed is not None:  # there is no DataLoader to infer it from (untested here: no DeepSpeed)
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
             1, config.batch_size // (accelerator.num_processes * config.grad_accum))
     return accelerator
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # tracker → import name
+
+
+def make_trackers(config: Config) -> list:
+    """Accelerate's trackers for ``--report-to``: TensorBoard in OUTPUT_DIR/tensorboard; wandb (project
+    dpolab; WANDB_MODE and WANDB_DIR as wandb reads them) and MLflow (experiment dpolab; MLFLOW_TRACKING_URI)
+    with the output folder's name as the run's."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker  # deferred: heavy
+
+    name = Path(config.output_dir).name
+    make = {"tensorboard": lambda: TensorBoardTracker("tensorboard", config.output_dir),
+            "wandb": lambda: WandBTracker("dpolab", name=name),
+            "mlflow": lambda: MLflowTracker("dpolab", run_name=name)}
+    return [make[t]() for t in trackers(config.report_to)]
 
 
 def objective_for(config: Config, gather=None) -> Objective:
@@ -126,7 +149,8 @@ def load_examples(config: Config, objective: Objective, tokenizer, records: tupl
 
 def tokenize_for(config: Config, objective: Objective, records, tokenizer) -> list[Example]:
     """Tokenise records by SPEC §4, adding KTO's mismatched completions when a loss needs them."""
-    examples = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length)
+    examples = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length,
+                                config.template_mismatch)
     if objective.needs_kl:
         examples = add_mismatched_completions(examples, config.seed, config.max_length)
     return examples

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=command.help)
         if name == "train":
             s.add_argument("--config", metavar="FILE", help="YAML file of settings (keys as the flags, with "
-                                                             "underscores)")
+                                                             "underscores), or a TRL / alignment-handbook recipe")
         add_flags(s, command.fields, command.required)
         if command.json:
             s.add_argument("--json", action="store_true", help="print one JSON object on stdout")

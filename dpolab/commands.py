@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from dpolab import recipes
 from dpolab.config import Config, _fields
 from dpolab.embedded import RECIPE
 from dpolab.errors import ConfigError
@@ -32,7 +33,7 @@ class Command(NamedTuple):
 
 MODEL = ("model", "trust_remote_code", "allow_pickle_weights")
 RUNTIME = ("bf16", "logits_chunk", "layout", "row_tokens", "attn_implementation")
-DATA = ("data", "max_length", "max_prompt_length", "seed", "skip_invalid", "ignore_columns")
+DATA = ("data", "max_length", "max_prompt_length", "seed", "skip_invalid", "ignore_columns", "template_mismatch")
 SAMPLING = ("num_samples", "temperature", "seed", "max_new_tokens")
 # Fields of the sampling and scoring commands only; training takes every other field.
 NOT_TRAINING = ("prompts", "reward", "output", "num_prompts", "num_samples", "temperature", "max_new_tokens",
@@ -84,10 +85,13 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     the command does not take are errors."""
     values: dict[str, Any] = {}
     fields = _fields()
-    for key, value in (read_yaml(path) if path is not None else {}).items():
-        key = str(key).replace("-", "_")
+    raw = {str(k).replace("-", "_"): v for k, v in (read_yaml(path) if path is not None else {}).items()}
+    if recipes.is_recipe(raw, fields):  # a TRL / alignment-handbook recipe: its keys become dpolab's
+        raw, mapped, ignored = recipes.translate(raw, fields, path, given=set(overrides or ()))
+        recipes.announce(path, mapped, ignored)
+    for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key)}")
+            raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key, recipes.KEYS)}")
         values[key] = coerce(key, value, path)
         refuse_foreign(command, key, values[key], path)
     for key, value in (overrides or {}).items():
@@ -128,8 +132,8 @@ def _add_embedded_recipe(values: dict[str, Any]) -> None:
             values.setdefault(key, coerce(key, value, str(RECIPE)))
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(_fields()), n=1)
+def _suggest(key: str, more: tuple[str, ...] = ()) -> str:
+    close = difflib.get_close_matches(key, [*_fields(), *more], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -170,6 +170,15 @@ class Config:
     judge_timeout: float = opt(30.0, "Seconds an endpoint judge may take per request (each tried 3 times).")
     temperatures: list[float] | None = opt(None, "Comma-separated sampling temperatures of dpolab compare "
                                                  "(0: greedy). Unset: 0,1.")
+    # --- the ecosystem: trackers, warm-up in steps (as TRL recipes give it), chat templates
+    report_to: str = opt("tensorboard", "Comma-separated experiment trackers the metrics also go to, through "
+                                        "Accelerate's tracking API: tensorboard, wandb, mlflow, or none "
+                                        "(metrics.jsonl is always written).")
+    warmup_steps: int = opt(0, "Optimizer steps of linear warm-up; when > 0 it replaces --warmup-ratio.")
+    template_mismatch: str = opt("error", "A chat template that does not render the prompt as a prefix of prompt "
+                                          "+ completion: error (naming the row and the first differing token) or "
+                                          "warn (split at the longest common token prefix, warning once).",
+                                 choices=("error", "warn"))
 
     # ------------------------------------------------------------------
     def validate(self) -> "Config":
@@ -256,6 +265,9 @@ def _check_ranges(c: Config) -> None:
     _need(c.judge_timeout > 0, f"judge_timeout must be > 0, got {c.judge_timeout}")
     _need(c.temperatures is None or (c.temperatures and min(c.temperatures) >= 0),
           f"temperatures must be ≥ 0, got {c.temperatures}")
+    _need(c.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {c.warmup_steps}")
+    bad = [t for t in trackers(c.report_to) if t not in TRACKERS]
+    _need(not bad, f"report_to: unknown tracker {', '.join(bad)}; known: {', '.join(TRACKERS)}, or none")
 
 
 def _check_reference(c: Config) -> None:
@@ -273,6 +285,19 @@ def _check_reference(c: Config) -> None:
         _need(uses_ref, "sync_ref_model (TR-DPO) needs a loss with a reference model")
         _need(not c.precompute_ref, "sync_ref_model (TR-DPO) updates the reference, so it cannot be "
                                     "precomputed: drop --precompute-ref")
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def trackers(report_to: str) -> list[str]:
+    """The trackers of a --report-to value ("none": no tracker).
+
+    >>> trackers("tensorboard, wandb"), trackers("none")
+    (['tensorboard', 'wandb'], [])
+    """
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    return [] if names == ["none"] else names
+
 
 def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Config)}

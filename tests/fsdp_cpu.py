@@ -42,8 +42,8 @@ def shard(policy: torch.nn.Module, optimizer: torch.optim.Optimizer):
     return policy, optimizer
 
 
-def make_accelerator(config):
-    accelerator = real_make_accelerator(config)
+def make_accelerator(config, **kwargs):
+    accelerator = real_make_accelerator(config, **kwargs)
     accelerator.prepare = shard
     accelerator.unwrap_model = lambda model, **kwargs: model  # fully_shard keeps the module itself
     return accelerator

@@ -3,7 +3,9 @@
 Accepted rows: standard (``prompt``, ``chosen``, ``rejected`` strings), conversational (the same keys holding
 lists of ``{role, content}`` messages), implicit prompt (``chosen`` and ``rejected`` only), unpaired
 (``prompt``, ``completion``, ``label``) and ranked (``prompt``, ``completions`` best first, or ``completions``
-with ``scores``). Optional columns: ``margin``, ``score_chosen``, ``score_rejected``; any other column is an
+with ``scores``). Optional columns: ``margin``, ``score_chosen``, ``score_rejected``, and for conversational
+rows ``tools`` (a list of tool definitions) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": false}``),
+both handed to the chat template for the prompt and for prompt + completion alike; any other column is an
 error unless the caller names it in ``ignore_columns`` (``--ignore-columns id,source``). A bad row raises
 :class:`DataError` naming the file, the line and the field, or is counted and dropped when ``skip_invalid``
 is set.
@@ -25,7 +27,10 @@ Text = str | list[dict]  # plain text, or a list of {role, content} messages
 FORMAT_KEYS = {"paired": {"chosen", "rejected"}, "unpaired": {"completion", "label"},
                "ranked": {"completions", "scores"}}
 KNOWN_COLUMNS = {"prompt", "chosen", "rejected", "completion", "label", "completions", "scores", "margin",
-                 "score_chosen", "score_rejected"}
+                 "score_chosen", "score_rejected", "tools", "chat_template_kwargs"}
+# Arguments of apply_chat_template that dpolab sets itself; a row's chat_template_kwargs may not.
+RESERVED_KWARGS = {"conversation", "messages", "tools", "add_generation_prompt", "tokenize", "continue_final_message",
+                   "return_dict", "chat_template"}
 
 
 @dataclass
@@ -40,6 +45,13 @@ class Record:
     conversational: bool
     label: bool | None = None
     margin: float | None = None
+    tools: list[dict] | None = None  # tool definitions the chat template renders
+    chat_template_kwargs: dict | None = None  # extra template variables, e.g. enable_thinking
+
+    @property
+    def template_args(self) -> dict[str, Any]:
+        """What this row adds to every apply_chat_template call."""
+        return {**({"tools": self.tools} if self.tools is not None else {}), **(self.chat_template_kwargs or {})}
 
 
 @dataclass
@@ -150,7 +162,35 @@ def parse_row(row: Any, where: str, ignore_columns: Collection[str] = ()) -> Rec
     if len(styles) > 1:
         raise DataError(f"{where}: mixes plain text and message lists; use one or the other for every field")
     record.conversational = styles == {True}
+    record.tools, record.chat_template_kwargs = _template_columns(row, where, record.conversational)
     return record
+
+
+def _template_columns(row: dict, where: str, conversational: bool) -> tuple[list | None, dict | None]:
+    """The ``tools`` and ``chat_template_kwargs`` columns (JSON text is accepted, as Parquet and CSV hold it)."""
+    values = []
+    for key, kind in (("tools", list), ("chat_template_kwargs", dict)):
+        value = row.get(key)
+        if isinstance(value, str) and value.strip():
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise DataError(f"{where}, field {key!r}: not valid JSON") from None
+        if value in (None, ""):
+            values.append(None)
+            continue
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(t, dict) for t in value)):
+            expected = "a list of tool definitions (objects)" if kind is list else "an object of template variables"
+            raise DataError(f"{where}, field {key!r}: expected {expected}, got {json.dumps(value)[:80]}")
+        if not conversational:
+            raise DataError(f"{where}, field {key!r}: only conversational rows (lists of messages) go through "
+                            "the chat template; plain-text rows cannot use it")
+        values.append(value)
+    reserved = sorted(set(values[1] or {}) & RESERVED_KWARGS)
+    if reserved:
+        raise DataError(f"{where}, field 'chat_template_kwargs': {reserved[0]!r} is set by dpolab itself "
+                        "(tools go in their own column); remove it")
+    return values[0], values[1]
 
 
 def split_implicit_prompt(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
@@ -171,7 +211,8 @@ def unpair_records(records: list[Record]) -> list[Record]:
     out = []
     for r in records:
         for completion, label in zip(r.completions[:2], (True, False)):
-            out.append(Record(r.where, "unpaired", r.prompt, [completion], r.conversational, label=label))
+            out.append(Record(r.where, "unpaired", r.prompt, [completion], r.conversational, label=label,
+                              tools=r.tools, chat_template_kwargs=r.chat_template_kwargs))
     return out
 
 

@@ -3,8 +3,12 @@
 1. The prompt is rendered alone (chat template with the generation prompt, or plain text) and tokenised
    with the tokenizer's special tokens: exactly the tokens the model sees at inference.
 2. A completion is the text that follows the rendered prompt in the rendered prompt + completion; it is
-   tokenised on its own with no special tokens. An unstable chat template (rendered prompt not a prefix)
-   falls back to the longest common token prefix, with one warning naming the row.
+   tokenised on its own with no special tokens. A row's ``tools`` and ``chat_template_kwargs`` (e.g.
+   ``enable_thinking``) reach the template in both renderings. A template that does not render the prompt as
+   a prefix of the whole is an error naming the row and the first differing token; with
+   ``template_mismatch="warn"`` it falls back to the longest common token prefix, with one warning.
+   Multi-turn rows: the prompt's messages (earlier user and assistant turns alike) are context, never scored;
+   only the completion's messages are, which is the last assistant turn in the usual DPO row.
 3. Plain-text completions end with EOS, added once.
 4. The prompt is cut from the left to ``max_prompt_length``; completions from the right so that prompt +
    completion ≤ ``max_length``. All completions of a row share the prompt tokens. A row left with an empty
@@ -31,53 +35,71 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
 class Tokenizer:
     """Turns :class:`Record` rows into :class:`Example` token ids by the rules above."""
 
-    def __init__(self, tokenizer, max_length: int, max_prompt_length: int):
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int, template_mismatch: str = "error"):
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
         self.tok = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.template_mismatch = template_mismatch  # "error" | "warn" (the longest common prefix)
         # Special tokens the tokenizer puts after a text (some add EOS); a prompt must not end with them.
         empty = _ids(tokenizer, "", True)
         self._suffix = [t for t in empty if t == tokenizer.eos_token_id][-1:]
         self._warned_unstable = False
         self.cut = {"prompts": 0, "completions": 0}  # rows truncated, for the warning
 
-    def render_prompt(self, prompt) -> list[int]:
+    def render_prompt(self, prompt, template_args: dict | None = None) -> list[int]:
         if isinstance(prompt, list):
-            return _ids(self.tok, self._chat(prompt, generation_prompt=True), False)
+            return _ids(self.tok, self._chat(prompt, True, template_args or {}), False)
         ids = _ids(self.tok, prompt, True)
         if self._suffix and ids[-1:] == self._suffix:
             ids = ids[:-1]
         return ids
 
-    def _chat(self, messages: list[dict], generation_prompt: bool) -> str:
+    def _chat(self, messages: list[dict], generation_prompt: bool, template_args: dict) -> str:
         if not getattr(self.tok, "chat_template", None):
             raise DataError("conversational rows need a tokenizer with a chat template, and this one has none; "
                             "give plain-text rows or a model whose tokenizer has a chat_template")
         try:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                **template_args)
         except TemplateError as e:  # e.g. a template that insists on alternating user/assistant roles
             raise DataError(f"the chat template cannot render this conversation: {e}") from None
 
-    def split(self, prompt, completions: list, prompt_ids: list[int], where: str) -> tuple[list[int], list[list[int]]]:
+    def split(self, prompt, completions: list, prompt_ids: list[int], where: str, template_args: dict | None = None
+              ) -> tuple[list[int], list[list[int]]]:
         """(prompt ids shared by every completion, ids of each completion). The prompt ids change only on the
-        unstable-template fallback, and then once for all completions: the longest token prefix common to
-        the rendered prompt and every rendered prompt + completion, so no completion keeps a prompt token
-        another one lost."""
+        ``warn`` fallback for a template that renders the prompt differently inside the conversation, and then
+        once for all completions: the longest token prefix common to the rendered prompt and every rendered
+        prompt + completion, so no completion keeps a prompt token another one lost."""
         if not isinstance(prompt, list):
             return prompt_ids, [self._plain_completion(c) for c in completions]
-        rendered_prompt = self._chat(prompt, generation_prompt=True)
-        rendered = [self._chat(prompt + c, generation_prompt=False) for c in completions]
+        args = template_args or {}
+        rendered_prompt = self._chat(prompt, True, args)
+        rendered = [self._chat(prompt + c, False, args) for c in completions]
         if all(r.startswith(rendered_prompt) for r in rendered):
             return prompt_ids, [_ids(self.tok, r[len(rendered_prompt):], False) for r in rendered]
+        wholes = [_ids(self.tok, r, False) for r in rendered]
+        n = common_prefix_length([prompt_ids, *wholes])
+        if self.template_mismatch == "error":
+            raise DataError(self._mismatch(prompt_ids, next(w for w, r in zip(wholes, rendered)
+                                                                   if not r.startswith(rendered_prompt))))
         if not self._warned_unstable:
             log.warning("%s: the chat template renders the prompt differently inside the conversation; "
                         "splitting at the longest common token prefix instead", where)
             self._warned_unstable = True
-        wholes = [_ids(self.tok, r, False) for r in rendered]
-        n = common_prefix_length([prompt_ids, *wholes])
         return prompt_ids[:n], [whole[n:] for whole in wholes]
+
+    def _mismatch(self, prompt_ids: list[int], whole: list[int]) -> str:
+        """The error for a prompt that is not a prefix of the whole (the caller names the row): the first
+        token where they differ."""
+        i = common_prefix_length([prompt_ids, whole])
+        show = lambda ids: repr(self.tok.convert_ids_to_tokens(ids[i])) if i < len(ids) else "the end"  # noqa: E731
+        return (f"the chat template does not render the prompt as a prefix of prompt + completion, so "
+                f"the completion cannot be told apart; they first differ at token {i}: the prompt has "
+                f"{show(prompt_ids)}, prompt + completion has {show(whole)}. Fix the template (the prompt "
+                "rendered with add_generation_prompt must start the whole conversation), or pass "
+                "--template-mismatch warn to split at their longest common token prefix")
 
     def _plain_completion(self, completion: str) -> list[int]:
         ids = _ids(self.tok, completion, False)
@@ -87,8 +109,9 @@ class Tokenizer:
 
     def __call__(self, record: Record, index: int) -> Example | None:
         """The tokenised example, or None when truncation leaves a completion empty."""
-        prompt_ids, completions = self.split(record.prompt, record.completions, self.render_prompt(record.prompt),
-                                             record.where)
+        args = record.template_args
+        prompt_ids, completions = self.split(record.prompt, record.completions,
+                                             self.render_prompt(record.prompt, args), record.where, args)
         self.cut["prompts"] += len(prompt_ids) > self.max_prompt_length
         prompt_ids = prompt_ids[-self.max_prompt_length:]  # (left truncation)
         room = self.max_length - len(prompt_ids)
@@ -112,9 +135,10 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     return n
 
 
-def tokenize_records(records: list[Record], tokenizer, max_length: int, max_prompt_length: int) -> list[Example]:
+def tokenize_records(records: list[Record], tokenizer, max_length: int, max_prompt_length: int,
+                     template_mismatch: str = "error") -> list[Example]:
     """Tokenise every record; drop (and count in a warning) rows left with an empty completion."""
-    tok = Tokenizer(tokenizer, max_length, max_prompt_length)
+    tok = Tokenizer(tokenizer, max_length, max_prompt_length, template_mismatch)
     examples, dropped = [], 0
     for record in records:
         try:

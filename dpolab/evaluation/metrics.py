@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -69,32 +70,22 @@ def means(total: dict[str, Tensor], prefix: str = "") -> dict[str, float]:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to ``metrics.jsonl``, mirrored to TensorBoard."""
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and hands the same values, under the same
+    names, to ``mirror(values, step)``: the experiment trackers (Accelerate's ``Accelerator.log``)."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, resume_step: int | None = None,
+                 mirror: Callable[[dict, int], None] | None = None):
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
             keep = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep))
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # deferred: optional, and a heavy import
-
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:  # TensorBoard is optional at run time
-                self.writer = None
+        self.mirror = mirror
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer is not None:
-            for k, v in metrics.items():
-                self.writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.mirror is not None:
+            self.mirror(dict(metrics), step)
 
 
 def _step(line: str) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 from dpolab.objective import OBJECTIVE_FIELDS
 
 RECORD = "dpolab.json"
-TOKENISATION = ("max_length", "max_prompt_length", "batch_size")  # kept even when another loss is named
+TOKENISATION = ("max_length", "max_prompt_length", "batch_size", "template_mismatch")  # kept for any loss
 RECORDED = (*OBJECTIVE_FIELDS, *TOKENISATION, "bf16")
 
 

@@ -92,7 +92,7 @@ def check_settings_and_data(config: Config) -> Run:
     and the processes, the output directory and a resume, the task, the data (rows, then tokenised)."""
     builder.check_environment(config)
     out = Path(config.output_dir)
-    accelerator = builder.make_accelerator(config)
+    accelerator = builder.make_accelerator(config, with_trackers=True)
     world = accelerator.num_processes
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum "
@@ -141,7 +141,7 @@ def build_models(run: Run) -> None:
     from transformers import get_scheduler  # deferred: transformers is a heavy import
 
     run.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_training_steps=run.total_steps,
-                                  num_warmup_steps=int(config.warmup_ratio * run.total_steps))
+                                  num_warmup_steps=config.warmup_steps or int(config.warmup_ratio * run.total_steps))
     run.policy, run.optimizer = accelerator.prepare(policy, optimizer)
     run.model = accelerator.unwrap_model(run.policy).model
     run.synced_ref = run.train_ref.logps.model if config.sync_ref_model else None
@@ -198,7 +198,8 @@ def train(config: Config) -> dict:
     """Train a policy as ``config`` says; return the summary also written to ``summary.json``."""
     config = builder.resolve_defaults(config)
     run = check_settings_and_data(config)
-    files = RunFiles(Path(config.output_dir), run.accelerator.is_main_process, config.save_total_limit)
+    files = RunFiles(Path(config.output_dir), run.accelerator.is_main_process, config.save_total_limit,
+                     run.accelerator)
     files.prepare(config.overwrite)  # only now that settings and data are known to be good
     run.accelerator.wait_for_everyone()
     build_models(run)
@@ -247,7 +248,9 @@ def finish(run: Run, files: RunFiles, progress: Progress, runtime: float) -> dic
     """Held-out metrics after training, the task report, then ``final/``, ``summary.json`` and the plots."""
     eval_after = evaluate_run(run, files, run.total_steps)
     summary = {"steps": run.total_steps, "skipped_steps": progress.guard.total, "train_runtime_seconds": runtime,
-               "train": progress.last, "eval_before": progress.eval_before, "eval": eval_after}
+               "train": progress.last, "eval_before": progress.eval_before, "eval": eval_after,
+               "data": {"digest": run.digest, "train_examples": len(run.train_examples),
+                        "eval_examples": len(run.eval_examples)}}
     if run.task is not None and run.accelerator.is_main_process:
         summary |= run_task_report(run.config, run.task, run.judge, run.model, run.tokenizer)
     if "eval/rewards/accuracies" in eval_after:  # paired data (unpaired rows have no pairs to rank)

@@ -13,12 +13,13 @@ import shutil
 from pathlib import Path
 
 from dpolab.commands import COMMANDS
-from dpolab.config import Config
+from dpolab.config import Config, _fields
 from dpolab.errors import ConfigError
 from dpolab.evaluation import metrics as M
 from dpolab.evaluation.plots import plot_metrics
 from dpolab.models import adapters
 from dpolab.models.record import RECORD, run_record
+from dpolab.training.card import render_card
 from dpolab.training.checkpoint import save_checkpoint
 from dpolab.errors import writing
 
@@ -26,8 +27,9 @@ from dpolab.errors import writing
 class RunFiles:
     """The output directory of one run, written by the main process (the others hold a no-op)."""
 
-    def __init__(self, out: Path, main: bool, keep_checkpoints: int):
+    def __init__(self, out: Path, main: bool, keep_checkpoints: int, accelerator=None):
         self.out, self.main, self.keep = out, main, keep_checkpoints
+        self.accelerator = accelerator  # its trackers (--report-to) receive what metrics.jsonl receives
         self.saved: list[str] = []  # checkpoints written or resumed from, oldest first
         self.metrics: M.MetricsLog | None = None
 
@@ -48,8 +50,17 @@ class RunFiles:
             return
         with writing(self.out / "config.yaml", self.last_saved):
             config.save(self.out / "config.yaml", COMMANDS["train"].fields)
+        mirror = None
+        if self.accelerator is not None and self.accelerator.log_with:
+            try:
+                self.accelerator.init_trackers("dpolab", config=tracker_config(config))
+            except Exception as e:  # the tracker's own set-up (a server, a store, a login) refused
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"report_to {config.report_to}: a tracker could not start ({first}); fix its "
+                                  "settings or remove it from --report-to") from None
+            mirror = lambda values, step: self.accelerator.log(values, step=step)  # noqa: E731
         with writing(self.out / "metrics.jsonl", self.last_saved):
-            self.metrics = M.MetricsLog(self.out, resume_step)
+            self.metrics = M.MetricsLog(self.out, resume_step, mirror)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.main:
@@ -64,13 +75,24 @@ class RunFiles:
         """``final/`` (atomically), ``summary.json`` and the plots."""
         if not self.main:
             return
+        train = COMMANDS["train"].fields
+        card = render_card({k: v for k, v in config.to_dict().items() if k in train},
+                           {k: f.default for k, f in _fields().items() if k in train}, summary, adapters.is_peft(model))
         with writing(self.out / "final", self.last_saved, partial=self.out / ".final.tmp"):
-            save_final(self.out, model, tokenizer, config, state_dict, objective_state)
+            save_final(self.out, model, tokenizer, config, state_dict, objective_state, card)
         with writing(self.out / "summary.json", self.last_saved):
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.metrics.close()
+        if self.metrics.mirror is not None:  # not end_training(): it also destroys the process group
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
         with writing(self.out / "plots", self.last_saved):
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+
+
+def tracker_config(config: Config) -> dict:
+    """The run's settings as trackers store them (numbers, strings and booleans; anything else as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in config.to_dict().items() if k in COMMANDS["train"].fields}
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -89,10 +111,11 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def save_final(out: Path, model, tokenizer, config: Config, state_dict=None, objective_state: dict | None = None
-               ) -> None:
-    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, plus ``dpolab.json``,
-    what ``dpolab eval`` and ``score`` need to measure with the run's own reference and objective; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
+def save_final(out: Path, model, tokenizer, config: Config, state_dict=None, objective_state: dict | None = None,
+               card: str | None = None) -> None:
+    """``final/``: a Hugging Face model folder (with LoRA: the adapter) with tokenizer, the model ``card``
+    (``README.md``), and ``dpolab.json``, what ``dpolab eval`` and ``score`` need to measure with the run's own
+    reference and objective; with ``merge_on_save`` also ``merged/``, the adapter folded into the base.
     Written beside and renamed into place, so a crash never leaves a half-written ``final/``."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,6 +125,8 @@ def save_final(out: Path, model, tokenizer, config: Config, state_dict=None, obj
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / RECORD).write_text(json.dumps(run_record(config, objective_state or {}), indent=2))
+    if card is not None:  # the model card, README.md (PEFT writes a stub of its own: replaced)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if config.merge_on_save:
