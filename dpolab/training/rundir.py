@@ -70,7 +70,7 @@ class RunFiles:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.metrics.close()
         with writing(self.out / "plots", self.last_saved):
-            plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+            plot_metrics(self.out / "metrics.jsonl", self.out / "plots", summary.get("diagnostics", ()))
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
