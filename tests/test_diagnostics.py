@@ -122,3 +122,27 @@ def test_pairs_the_model_already_ranks_right_are_too_easy(tmp_path):
                  learning_rate=2e-4, batch_size=32, max_steps=20, eval_split=0, max_length=32, max_prompt_length=16,
                  progress=False)
     assert "too_easy" in [name for name, _ in _alarms(tmp_path / "easy")]
+
+
+def test_data_with_no_signal_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """Every row's chosen equals its rejected: one paragraph naming the file, no model loaded, no final/."""
+    from dpolab.errors import DataError
+    from dpolab.models import adapters
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(adapters, "load_policy", no_model)
+    data = tmp_path / "same.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 1)}) + "\n"
+                            for a in range(10, 50)))
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"same\.jsonl: in every one of its 40 rows the chosen answer equals"):
+        dpolab.train(model=str(TRAIN.parent / "model"), data=str(data), output_dir=str(out), progress=False)
+    assert not (out / "final").exists()
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[3]["rejected"] = "0"  # one row with a preference is signal enough to pass this check
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        dpolab.train(model=str(TRAIN.parent / "model"), data=str(data), output_dir=str(out), progress=False,
+                     batch_size=8, overwrite=True)
