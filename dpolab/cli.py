@@ -19,6 +19,7 @@ from dpolab.commands import COMMANDS, coerce, field_type, load_config
 from dpolab.config import _fields
 from dpolab.errors import DpolabError, Interrupted
 from dpolab.evaluation.heldout import evaluate, score
+from dpolab.evaluation.inspect import format_report, inspect_data
 from dpolab.evaluation.pairs import make_pairs
 from dpolab.evaluation.task_eval import evaluate_task, format_table
 from dpolab.models.adapters import merge
@@ -100,8 +101,14 @@ def run_merge(args: argparse.Namespace, values: dict) -> int:
     return 0
 
 
+def run_inspect(args: argparse.Namespace, values: dict) -> int:
+    report = inspect_data(**values)
+    print(json.dumps({k: v for k, v in report.items() if k != "lengths"}) if args.json else format_report(report))
+    return 0
+
+
 HANDLERS = {"train": run_train, "eval": run_eval, "make-pairs": run_make_pairs, "task-eval": run_task_eval,
-            "score": run_score, "merge": run_merge}
+            "score": run_score, "merge": run_merge, "inspect": run_inspect}
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -56,6 +56,12 @@ COMMANDS = {
                      required=("model", "prompt", "response"), json=True),
     "merge": Command("fold a LoRA adapter (e.g. a LoRA run's final/) into its base weights",
                      ("adapter", "output", "trust_remote_code", "allow_pickle_weights"), required=("adapter", "output")),
+    "inspect": Command("a pre-flight audit of a dataset (duplicates, contradictions, identical pairs, truncation, "
+                       "length bias, tokenisation; with --model the reference's log-probs) and advice on the loss, "
+                       "β and learning rate", ("data", "model", "max_length", "max_prompt_length", "skip_invalid",
+                                              "ignore_columns", "batch_size", "output", "alarm_ref_token_logp",
+                                              "layout", "trust_remote_code", "allow_pickle_weights", "progress"),
+                       required=("data",), json=True),
 }
 
 

@@ -166,7 +166,8 @@ class Config:
     reward: str | None = opt(None, "Reward of a sampled answer: module:function taking (prompt, completion) → "
                                    "float, or a built-in task name.")
     output: str | None = opt(None, "Where the command writes its result (make-pairs: a JSONL file of pairs; "
-                                   "merge: a model folder).")
+                                   "merge: a model folder; inspect: a folder for inspect.json and lengths.png, "
+                                   "default runs/inspect).")
     num_prompts: int = opt(200, "Held-out task prompts to score.")
     num_samples: int = opt(4, "Answers sampled per prompt.")
     temperature: float = opt(1.0, "Sampling temperature (0: greedy).")

@@ -79,6 +79,14 @@ class Tokenizer:
         n = common_prefix_length([prompt_ids, *wholes])
         return prompt_ids[:n], [whole[n:] for whole in wholes]
 
+    def is_stable(self, prompt, completions: list) -> bool:
+        """Whether the prompt rendered alone is a prefix of every rendered prompt + completion (plain text
+        always is; an unstable chat template is not, and :meth:`split` then falls back)."""
+        if not isinstance(prompt, list):
+            return True
+        rendered_prompt = self._chat(prompt, generation_prompt=True)
+        return all(self._chat(prompt + c, generation_prompt=False).startswith(rendered_prompt) for c in completions)
+
     def _plain_completion(self, completion: str) -> list[int]:
         ids = _ids(self.tok, completion, False)
         if not ids or ids[-1] != self.tok.eos_token_id:

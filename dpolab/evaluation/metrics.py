@@ -31,7 +31,8 @@ def example_sums(out: Output) -> dict[str, Tensor]:
     }
     if out.ref_chosen_logps is not None:  # for the reference-collapse diagnostic (dpolab.training.diagnostics)
         sums |= {"logps/ref_chosen": out.ref_chosen_logps.sum(), "logps/ref_rejected": out.ref_rejected_logps.sum(),
-                 "lengths/chosen": out.chosen_lengths.float().sum(), "lengths/rejected": out.rejected_lengths.float().sum()}
+                 "lengths/chosen": out.chosen_lengths.float().sum(),
+                 "lengths/rejected": out.rejected_lengths.float().sum()}
     if out.paired:
         margins = out.chosen_rewards - out.rejected_rewards
         sums["rewards/margins"] = margins.sum()
