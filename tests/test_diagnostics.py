@@ -146,3 +146,16 @@ def test_data_with_no_signal_is_refused_before_any_model_loads(tmp_path, monkeyp
     with pytest.raises(AssertionError, match="a model was loaded"):
         dpolab.train(model=str(TRAIN.parent / "model"), data=str(data), output_dir=str(out), progress=False,
                      batch_size=8, overwrite=True)
+
+
+def test_a_resumed_run_replays_its_metrics_log(tmp_path):
+    """The alarms of a resumed run come from its metrics.jsonl (eval rows left out), as if never interrupted."""
+    h = history(60, **{"logps/chosen": lambda s: -1 - 0.04 * (s - 1), "rewards/margins": lambda s: 0.05 * (s - 1)})
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(row) + "\n" for row in h[:30])
+                   + json.dumps({"step": 30, "eval/loss": 0.5, "eval/rewards/margins": 9.0}) + "\n")
+    alarms = D.replay(T, log)
+    assert [(a.name, a.step) for a in alarms.raised] == [("displacement", 12)]
+    for row in h[30:]:
+        alarms.observe(row["step"], {k: v for k, v in row.items() if k != "step"})
+    assert [(a.name, a.step) for a in alarms.raised] == [("displacement", 12)]  # once, as in a run never stopped
