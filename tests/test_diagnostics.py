@@ -159,3 +159,27 @@ def test_a_resumed_run_replays_its_metrics_log(tmp_path):
     for row in h[30:]:
         alarms.observe(row["step"], {k: v for k, v in row.items() if k != "step"})
     assert [(a.name, a.step) for a in alarms.raised] == [("displacement", 12)]  # once, as in a run never stopped
+
+
+def test_the_plots_mark_each_alarm_at_its_step(tmp_path):
+    """The dotted red line is where its step is: none without alarms; at step 15 right of the one at step 5,
+    at the same distance from a line at step 10 (a linear step axis)."""
+    import numpy as np
+    from PIL import Image
+
+    from dpolab.evaluation.plots import plot_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(row) + "\n" for row in history(20)))
+
+    def red_columns(step):
+        out = tmp_path / f"p{step}"
+        plot_metrics(log, out, [] if step is None else [{"name": "x", "step": step, "message": "", "remedy": ""}])
+        rgb = np.asarray(Image.open(out / "loss.png").convert("RGB")).astype(int)
+        red = (rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 100)  # crimson
+        cols = np.nonzero(red.sum(0) > 20)[0]  # a vertical line, not the label
+        return cols.mean() if len(cols) else None
+
+    assert red_columns(None) is None
+    x5, x10, x15 = red_columns(5), red_columns(10), red_columns(15)
+    assert x5 < x10 < x15 and abs((x15 - x10) - (x10 - x5)) <= 1.5
