@@ -116,3 +116,23 @@ def test_the_command_prints_one_json_object(tmp_path):
                           str(tmp_path / "o"), "--json"], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     assert report["duplicates"] == 2 and report["advice"]["loss"] == "ipo" and "lengths" not in report
+
+
+def test_an_unstable_chat_template_is_counted(tiny_model, tmp_path):
+    """A template that renders the generation prompt only when asked: the prompt alone ends in <|assistant|>,
+    the whole conversation does not contain it, so the prompt is no prefix of the whole."""
+    import shutil
+
+    user, yes, no = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                     {"role": "assistant", "content": "no"})
+    data = write_jsonl(tmp_path / "c.jsonl", [{"prompt": [user], "chosen": [yes], "rejected": [no]}] * 2)
+    stable = inspect_data(str(data), model=str(tiny_model), output=str(tmp_path / "o"), progress=False)
+    assert (stable["unstable_template"], stable["formats"], stable["duplicates"]) == (0, {"conversational": 2}, 1)
+    model = tmp_path / "unstable"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((model / "tokenizer_config.json").read_text()).items() if k != "chat_template"}))
+    unstable = inspect_data(str(data), model=str(model), output=str(tmp_path / "o"), progress=False)
+    assert unstable["unstable_template"] == 2

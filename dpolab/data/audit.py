@@ -89,13 +89,11 @@ def token_counts(records: list[Record], tokenizer, max_length: int, max_prompt_l
 
 def _merges(tokenizer, prompt, completion, prompt_ids: list[int], completion_ids: list[int], tok: Tokenizer) -> bool:
     """Whether the whole text tokenises otherwise than prompt tokens + completion tokens (a BPE merge across
-    the boundary). Plain text: ``prompt + completion`` with special tokens, less the EOS dpolab adds."""
-    if isinstance(prompt, list):
-        whole = tokenizer(tok._chat(prompt + completion, generation_prompt=False), add_special_tokens=False)
-        return list(whole["input_ids"]) != prompt_ids + completion_ids
-    whole = tok.render_prompt(prompt + completion)  # with special tokens, like the prompt alone
-    ids = completion_ids[:-1] if completion_ids[-1:] == [tokenizer.eos_token_id] else completion_ids
-    return whole != prompt_ids + ids
+    the boundary); a plain-text completion is compared without the EOS dpolab adds."""
+    ids = completion_ids
+    if not isinstance(prompt, list) and completion_ids[-1:] == [tokenizer.eos_token_id]:
+        ids = completion_ids[:-1]
+    return tok.whole_ids(prompt, completion) != prompt_ids + ids
 
 
 def audit(records: list[Record], tokenizer, max_length: int, max_prompt_length: int) -> dict:

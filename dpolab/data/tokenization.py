@@ -87,6 +87,13 @@ class Tokenizer:
         rendered_prompt = self._chat(prompt, generation_prompt=True)
         return all(self._chat(prompt + c, generation_prompt=False).startswith(rendered_prompt) for c in completions)
 
+    def whole_ids(self, prompt, completion) -> list[int]:
+        """Prompt + completion rendered and tokenised as one text, as the prompt alone is (the check for BPE
+        merges across the boundary); plain text gets no EOS here."""
+        if isinstance(prompt, list):
+            return _ids(self.tok, self._chat(prompt + completion, generation_prompt=False), False)
+        return self.render_prompt(prompt + completion)
+
     def _plain_completion(self, completion: str) -> list[int]:
         ids = _ids(self.tok, completion, False)
         if not ids or ids[-1] != self.tok.eos_token_id:

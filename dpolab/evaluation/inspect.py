@@ -22,7 +22,7 @@ from dpolab.data.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Collate
 from dpolab.data.reading import load_records
 from dpolab.data.tokenization import Tokenizer
 from dpolab.errors import writing
-from dpolab.evaluation.advice import advise
+from dpolab.evaluation.advice import advise, memory_needed
 from dpolab.models.loading import load_model, load_tokenizer
 from dpolab.models.logps import SequenceLogps
 
@@ -78,7 +78,7 @@ def reference_report(model, tokenizer, records, max_length: int, max_prompt_leng
     return {"chosen_token_logp": sum(c for c, _ in per_token) / len(per_token),
             "rejected_token_logp": sum(r for _, r in per_token) / len(per_token) if paired else None,
             "low_probability_chosen": len(low), "low_probability_rows": low[:10], "num_parameters": n_params,
-            "memory_available": memory_available()}
+            "memory_needed": memory_needed(n_params), "memory_available": memory_available()}
 
 
 def memory_available() -> int:
