@@ -183,3 +183,17 @@ def test_the_plots_mark_each_alarm_at_its_step(tmp_path):
     assert red_columns(None) is None
     x5, x10, x15 = red_columns(5), red_columns(10), red_columns(15)
     assert x5 < x10 < x15 and abs((x15 - x10) - (x10 - x5)) <= 1.5
+
+
+def test_data_whose_every_row_is_dropped_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    from dpolab.errors import DataError
+    from dpolab.models import adapters
+
+    monkeypatch.setattr(adapters, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "1+1=", "chosen": 2, "rejected": "3"}) + "\n" for _ in range(5)))
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"bad\.jsonl: no usable rows \(5 invalid\)"):
+        dpolab.train(model=str(TRAIN.parent / "model"), data=str(data), output_dir=str(out), progress=False,
+                     skip_invalid=True)
+    assert not (out / "final").exists()
