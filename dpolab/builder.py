@@ -22,7 +22,7 @@ from dpolab.data.batch import Collate
 from dpolab.data.reading import load_records
 from dpolab.data.records import Example, split_records, unpair_records
 from dpolab.data.tokenization import add_mismatched_completions, tokenize_records
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, DataError
 from dpolab.models import adapters
 from dpolab.models.loading import is_adapter_dir, load_model
 from dpolab.models.reference import (ADAPTERS, NONE, REF_MODEL, CachedReference, ModelReference, NoReference,
@@ -157,8 +157,14 @@ def tokenize_for(config: Config, objective: Objective, records, tokenizer) -> li
 
 
 def prepare_records(config: Config, objective: Objective, records):
-    """Check that the records fit the losses (kind, columns), unpairing pairs when asked."""
+    """Check that the records carry a preference at all and fit the losses (kind, columns), unpairing pairs
+    when asked."""
     kind = records[0].kind
+    if kind != "unpaired" and all(all(c == r.completions[0] for c in r.completions[1:]) for r in records):
+        raise DataError(f"{records[0].where.rsplit(',', 1)[0]}: in every one of its {len(records)} rows the chosen "
+                        "answer equals the rejected one, so there is no preference to learn and training would only "
+                        "move the model at random; no model was loaded and nothing was written. Check how the pairs "
+                        "were built (dpolab inspect counts identical pairs)")
     if objective.data == "unpaired" and kind == "paired":
         if not config.unpair:
             raise ConfigError(f"loss {config.loss} trains on unpaired rows (prompt, completion, label), but "

@@ -20,6 +20,7 @@ from dpolab.config import _fields
 from dpolab.errors import DpolabError, Interrupted
 from dpolab.evaluation.compare import compare, format_comparison
 from dpolab.evaluation.heldout import evaluate, score
+from dpolab.evaluation.inspect import format_report, inspect_data
 from dpolab.evaluation.pairs import make_pairs
 from dpolab.evaluation.task_eval import evaluate_task, format_table
 from dpolab.models.adapters import merge
@@ -112,11 +113,17 @@ def run_sweep(args: argparse.Namespace, values: dict) -> int:
     grid = {k: values.pop(k) for k in COMMANDS["sweep"].grid if k in values}
     frontier = sweep(load_config(None, values), grid)
     print(json.dumps(frontier) if args.json else format_frontier(frontier))
+
+
+def run_inspect(args: argparse.Namespace, values: dict) -> int:
+    report = inspect_data(**values)
+    print(json.dumps({k: v for k, v in report.items() if k != "lengths"}) if args.json else format_report(report))
     return 0
 
 
 HANDLERS = {"train": run_train, "eval": run_eval, "make-pairs": run_make_pairs, "task-eval": run_task_eval,
-            "score": run_score, "merge": run_merge, "compare": run_compare, "sweep": run_sweep}
+            "score": run_score, "merge": run_merge, "compare": run_compare, "sweep": run_sweep,
+            "inspect": run_inspect}
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -67,6 +67,12 @@ COMMANDS = {
                      "as sigmoid+sft) from one reference pass, and write the reward-KL frontier",
                      tuple(f for f in _fields() if f not in NOT_TRAINING), json=True,
                      grid=("beta", "loss", "learning_rate")),
+    "inspect": Command("a pre-flight audit of a dataset (duplicates, contradictions, identical pairs, truncation, "
+                       "length bias, tokenisation; with --model the reference's log-probs) and advice on the loss, "
+                       "β and learning rate", ("data", "model", "max_length", "max_prompt_length", "skip_invalid",
+                                              "ignore_columns", "batch_size", "output", "alarm_ref_token_logp",
+                                              "layout", "trust_remote_code", "allow_pickle_weights", "progress"),
+                       required=("data",), json=True),
 }
 
 

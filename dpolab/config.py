@@ -144,13 +144,30 @@ class Config:
     progress: bool = opt(True, "Show a progress bar.")
     max_nonfinite_steps: int = opt(3, "Stop after this many steps in a row with a NaN/inf loss or gradient "
                                       "(each is skipped, never applied); 0: never stop.")
+    # --- alarms while training (dpolab.training.diagnostics, docs/diagnostics.md)
+    alarm_window: int = opt(5, "Alarms: logged steps in each moving mean the alarms compare.")
+    alarm_patience: int = opt(50, "Alarms: optimizer steps before margin_stalled and not_learning can be raised.")
+    alarm_logp_drop: float = opt(0.25, "Alarm displacement: nats the mean chosen log-prob must fall below its "
+                                       "first window's while the margin grows.")
+    alarm_margin_gain: float = opt(0.05, "Alarms: the least rise of the mean reward margin over its first "
+                                         "window that counts as growing (displacement, margin_stalled).")
+    alarm_reward_eps: float = opt(0.01, "Alarm not_learning: mean rewards below this in size are near zero.")
+    alarm_loss_tolerance: float = opt(0.02, "Alarm not_learning: the loss within this fraction of its start.")
+    alarm_easy_accuracy: float = opt(0.95, "Alarm too_easy: mean reward accuracy at or above this by step "
+                                           "--alarm-easy-steps.")
+    alarm_easy_steps: int = opt(20, "Alarm too_easy: the step by which a near-perfect accuracy counts as early.")
+    alarm_ref_token_logp: float = opt(-5.0, "Alarm reference_collapse: the reference's mean log-prob per chosen "
+                                            "token below this (nats).")
+    alarm_length_growth: float = opt(0.2, "Alarm length_growth (with --task): sampled answers longer than the "
+                                          "reference's by more than this fraction.")
     # --- the sampling and scoring commands (make-pairs, task-eval, score, merge)
     prompts: str | None = opt(None, "Prompts to sample from: JSONL with a 'prompt' field, or .txt with one prompt "
                                     "per line.")
     reward: str | None = opt(None, "Reward of a sampled answer: module:function taking (prompt, completion) → "
                                    "float, or a built-in task name.")
     output: str | None = opt(None, "Where the command writes its result (make-pairs: a JSONL file of pairs; "
-                                   "merge: a model folder).")
+                                   "merge: a model folder; inspect: a folder for inspect.json and lengths.png, "
+                                   "default runs/inspect).")
     num_prompts: int = opt(200, "Held-out task prompts to score.")
     num_samples: int = opt(4, "Answers sampled per prompt.")
     temperature: float = opt(1.0, "Sampling temperature (0: greedy).")
@@ -268,6 +285,17 @@ def _check_ranges(c: Config) -> None:
     _need(c.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {c.warmup_steps}")
     bad = [t for t in trackers(c.report_to) if t not in TRACKERS]
     _need(not bad, f"report_to: unknown tracker {', '.join(bad)}; known: {', '.join(TRACKERS)}, or none")
+    _check_alarms(c)
+
+
+def _check_alarms(c: Config) -> None:
+    """The alarms' thresholds in their ranges (dpolab.training.diagnostics)."""
+    _need(min(c.alarm_window, c.alarm_patience, c.alarm_easy_steps) >= 1,
+          "alarm_window, alarm_patience and alarm_easy_steps must be ≥ 1")
+    _need(min(c.alarm_logp_drop, c.alarm_margin_gain, c.alarm_reward_eps, c.alarm_loss_tolerance,
+              c.alarm_length_growth) >= 0, "alarm_logp_drop, alarm_margin_gain, alarm_reward_eps, "
+          "alarm_loss_tolerance and alarm_length_growth must be ≥ 0")
+    _need(0 < c.alarm_easy_accuracy <= 1, f"alarm_easy_accuracy must be in (0, 1], got {c.alarm_easy_accuracy}")
 
 
 def _check_reference(c: Config) -> None:

@@ -35,6 +35,10 @@ class Output:
     rejected_logps: Tensor
     paired: bool = True  # chosen_rewards[i] and rejected_rewards[i] belong to the same example
     kl: Tensor | None = None  # KTO's batch KL estimate
+    ref_chosen_logps: Tensor | None = None  # reference log-probs matching chosen_logps (0 with no reference)
+    ref_rejected_logps: Tensor | None = None
+    chosen_lengths: Tensor | None = None  # completion tokens matching chosen_logps
+    rejected_lengths: Tensor | None = None
 
 
 @dataclass
@@ -105,7 +109,8 @@ class Objective:
         # SPEC §1: the first listed loss's own reward (SimPO's β·π/n, ...), else the implicit reward β·h of the
         # best and the worst completion (never β·f(h) under f-DPO: f replaces h inside the loss only).
         chosen, rejected = reported or (self.beta * h[:, 0], self.beta * h[:, -1])
-        return Output(total, chosen, rejected, P[:, 0].detach(), P[:, -1].detach())
+        return Output(total, chosen, rejected, P[:, 0].detach(), P[:, -1].detach(), ref_chosen_logps=R[:, 0].detach(),
+                      ref_rejected_logps=R[:, -1].detach(), chosen_lengths=L[:, 0], rejected_lengths=L[:, -1])
 
     def _unpaired(self, P: Tensor, R: Tensor, h: Tensor, batch: Batch) -> Output:
         labels = batch.labels.to(P.device)
@@ -121,8 +126,11 @@ class Objective:
             if "delta" in loss.state:
                 kwargs["delta"] = delta
             total = total + w * loss(P[:, 0], R[:, 0], labels, **kwargs)[0]
-        r, logp = self.beta * h[:, 0], P[:, 0].detach()
-        return Output(total, r[labels], r[~labels], logp[labels], logp[~labels], paired=False, kl=kl)
+        r, logp, ref = self.beta * h[:, 0], P[:, 0].detach(), R[:, 0].detach()
+        n = batch.lengths.view(-1, P.shape[1])[:, 0]  # (B,) tokens of each row's own completion
+        return Output(total, r[labels], r[~labels], logp[labels], logp[~labels], paired=False, kl=kl,
+                      ref_chosen_logps=ref[labels], ref_rejected_logps=ref[~labels], chosen_lengths=n[labels],
+                      rejected_lengths=n[~labels])
 
     def _delta(self, rewards: Tensor) -> Tensor | float:
         """BCO's δ: the running mean of every reward seen so far (while training), or 0."""

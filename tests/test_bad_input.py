@@ -84,10 +84,11 @@ def test_a_chat_template_error_names_the_row(tiny_model, tmp_path, capsys):
     (model / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
         "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
-    user, bot = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+    user, bot, no = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                     {"role": "assistant", "content": "no"})
     data = tmp_path / "chat.jsonl"
-    data.write_text(lines({"prompt": [user], "chosen": [bot], "rejected": [bot]},
-                          {"prompt": [user, user], "chosen": [bot], "rejected": [bot]}))
+    data.write_text(lines({"prompt": [user], "chosen": [bot], "rejected": [no]},
+                          {"prompt": [user, user], "chosen": [bot], "rejected": [no]}))
     from dpolab import cli as dpolab_cli
 
     code = dpolab_cli.main(["train", "--model", str(model), "--data", str(data), "--output-dir",

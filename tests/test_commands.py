@@ -12,13 +12,14 @@ from dpolab.commands import COMMANDS
 from dpolab.config import Config, _fields
 from dpolab.evaluation.compare import compare
 from dpolab.evaluation.heldout import score
+from dpolab.evaluation.inspect import inspect_data
 from dpolab.evaluation.pairs import make_pairs
 from dpolab.evaluation.task_eval import evaluate_task
 from dpolab.models.adapters import merge
 from tests.conftest import preference_rows, write_jsonl
 
 FUNCTIONS = {"make-pairs": make_pairs, "task-eval": evaluate_task, "score": score, "merge": merge,
-             "compare": compare}
+             "compare": compare, "inspect": inspect_data}
 
 
 @pytest.mark.parametrize("command", sorted(FUNCTIONS))

@@ -28,7 +28,7 @@ def independent_metrics(model_dir, ref_dir, rows, beta):
             lp = model(ids).logits[0].float().log_softmax(-1)
         return sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
 
-    acc = {k: 0.0 for k in ("loss", "rc", "rr", "acc", "lc", "lr")}
+    acc = {k: 0.0 for k in ("loss", "rc", "rr", "acc", "lc", "lr", "refc", "refr", "nc", "nr")}
     for r in rows:
         pc, pr = logp(policy, r["prompt"], r["chosen"]), logp(policy, r["prompt"], r["rejected"])
         rc, rr = logp(ref, r["prompt"], r["chosen"]), logp(ref, r["prompt"], r["rejected"])
@@ -39,10 +39,16 @@ def independent_metrics(model_dir, ref_dir, rows, beta):
         acc["acc"] += float(rew_c > rew_r)
         acc["lc"] += pc
         acc["lr"] += pr
+        acc["refc"] += rc
+        acc["refr"] += rr
+        acc["nc"] += len(tok(r["chosen"], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        acc["nr"] += len(tok(r["rejected"], add_special_tokens=False)["input_ids"]) + 1
     n = len(rows)
     return {"eval/loss": acc["loss"] / n, "eval/rewards/chosen": acc["rc"] / n, "eval/rewards/rejected": acc["rr"] / n,
             "eval/rewards/margins": (acc["rc"] - acc["rr"]) / n, "eval/rewards/accuracies": acc["acc"] / n,
-            "eval/logps/chosen": acc["lc"] / n, "eval/logps/rejected": acc["lr"] / n}
+            "eval/logps/chosen": acc["lc"] / n, "eval/logps/rejected": acc["lr"] / n,
+            "eval/logps/ref_chosen": acc["refc"] / n, "eval/logps/ref_rejected": acc["refr"] / n,
+            "eval/lengths/chosen": acc["nc"] / n, "eval/lengths/rejected": acc["nr"] / n}
 
 
 def test_eval_cli_api_and_independent_agree(tiny_model, other_model, tmp_path):

@@ -101,6 +101,21 @@ class Tokenizer:
                 "rendered with add_generation_prompt must start the whole conversation), or pass "
                 "--template-mismatch warn to split at their longest common token prefix")
 
+    def is_stable(self, prompt, completions: list, template_args: dict | None = None) -> bool:
+        """Whether the prompt rendered alone is a prefix of every rendered prompt + completion (plain text
+        always is; an unstable chat template is not, and :meth:`split` then refuses it or falls back)."""
+        if not isinstance(prompt, list):
+            return True
+        rendered_prompt = self._chat(prompt, True, template_args or {})
+        return all(self._chat(prompt + c, False, template_args or {}).startswith(rendered_prompt) for c in completions)
+
+    def whole_ids(self, prompt, completion, template_args: dict | None = None) -> list[int]:
+        """Prompt + completion rendered and tokenised as one text, as the prompt alone is (the check for BPE
+        merges across the boundary); plain text gets no EOS here."""
+        if isinstance(prompt, list):
+            return _ids(self.tok, self._chat(prompt + completion, False, template_args or {}), False)
+        return self.render_prompt(prompt + completion)
+
     def _plain_completion(self, completion: str) -> list[int]:
         ids = _ids(self.tok, completion, False)
         if not ids or ids[-1] != self.tok.eos_token_id:

@@ -67,14 +67,11 @@ def first_examples(out: Output, batch, n: int) -> Output:
     outputs list the desirable and the undesirable examples apart, each in batch order."""
     if n == len(out.losses):
         return out
-    if out.paired:
-        return replace(out, losses=out.losses[:n], chosen_rewards=out.chosen_rewards[:n],
-                       rejected_rewards=out.rejected_rewards[:n], chosen_logps=out.chosen_logps[:n],
-                       rejected_logps=out.rejected_logps[:n])
-    desirable = int(batch.labels[:n].sum())
-    return replace(out, losses=out.losses[:n], chosen_rewards=out.chosen_rewards[:desirable],
-                   rejected_rewards=out.rejected_rewards[:n - desirable], chosen_logps=out.chosen_logps[:desirable],
-                   rejected_logps=out.rejected_logps[:n - desirable])
+    n_c, n_r = (n, n) if out.paired else (int(batch.labels[:n].sum()), n - int(batch.labels[:n].sum()))
+    cut = {f: getattr(out, f)[:n_c if "chosen" in f else n_r] for f in ("chosen_rewards", "rejected_rewards",
+           "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths",
+           "rejected_lengths") if getattr(out, f) is not None}
+    return replace(out, losses=out.losses[:n], **cut)
 
 
 def evaluate(model: str, data: str, ref_model: str | None = None, loss: str | None = None,

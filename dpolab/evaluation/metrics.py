@@ -30,6 +30,10 @@ def example_sums(out: Output) -> dict[str, Tensor]:
         "count/chosen": one * out.chosen_rewards.numel(),
         "count/rejected": one * out.rejected_rewards.numel(),
     }
+    if out.ref_chosen_logps is not None:  # for the reference-collapse diagnostic (dpolab.training.diagnostics)
+        sums |= {"logps/ref_chosen": out.ref_chosen_logps.sum(), "logps/ref_rejected": out.ref_rejected_logps.sum(),
+                 "lengths/chosen": out.chosen_lengths.float().sum(),
+                 "lengths/rejected": out.rejected_lengths.float().sum()}
     if out.paired:
         margins = out.chosen_rewards - out.rejected_rewards
         sums["rewards/margins"] = margins.sum()
@@ -40,11 +44,12 @@ def example_sums(out: Output) -> dict[str, Tensor]:
 
 
 KEYS = ("loss", "count", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "count/chosen",
-        "count/rejected", "rewards/margins", "rewards/accuracies")
+        "count/rejected", "logps/ref_chosen", "logps/ref_rejected", "lengths/chosen", "lengths/rejected",
+        "rewards/margins", "rewards/accuracies")
 
 
 def zeros(paired: bool = True, kl: bool = False) -> dict[str, Tensor]:
-    keys = KEYS if paired else KEYS[:8]
+    keys = KEYS if paired else KEYS[:12]
     return {k: torch.zeros((), dtype=torch.float64) for k in keys + (("kl",) if kl else ())}
 
 

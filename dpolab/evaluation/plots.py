@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from dpolab.evaluation.metrics import read_metrics
 
@@ -14,12 +15,14 @@ CHARTS = {  # file name → (title, metric names)
                                                         "eval/rewards/chosen", "eval/rewards/rejected"]),
     "logps.png": ("Policy log-probs", ["logps/chosen", "logps/rejected", "eval/logps/chosen",
                                        "eval/logps/rejected"]),
+    "ref_logps.png": ("Reference log-probs", ["logps/ref_chosen", "logps/ref_rejected"]),
     "learning_rate.png": ("Learning rate", ["learning_rate"]),
 }
 
 
-def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
-    """Draw every chart whose metrics appear in ``metrics_file``; return the files written.
+def plot_metrics(metrics_file: Path, out_dir: Path, alarms: Sequence[dict] = ()) -> list[Path]:
+    """Draw every chart whose metrics appear in ``metrics_file``; return the files written. Each alarm
+    (``{name, step, ...}``, dpolab.training.diagnostics) is a labelled vertical line on every chart.
 
     Figures are made without pyplot (no global state, nothing to close; savefig picks Agg for .png), with
     fixed margins instead of tight_layout (so each chart is drawn once), and written with fast PNG compression."""
@@ -40,6 +43,10 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
             xs, ys = zip(*points)
             style = "o--" if k.startswith("eval/") else "-"
             ax.plot(xs, ys, style, label=k, markersize=4, linewidth=1.4)
+        for alarm in alarms:
+            ax.axvline(alarm["step"], color="crimson", linestyle=":", linewidth=1.2)
+            ax.annotate(alarm["name"], (alarm["step"], 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", color="crimson", fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

@@ -55,14 +55,18 @@ def task_report(policy, reference, tokenizer, task, num_prompts: int, num_sample
     kl = 0.0 if reference is policy else sampled_kl(policy, reference, tokenizer, prompts, scores.samples,
                                                     collate=collate)
     policy.train(was_training)
-    return {"task_reward": scores.sampled_reward, "task_reward_greedy": scores.greedy_reward, "kl": kl}
+    answers = [ids for per_prompt in scores.samples.token_ids for ids in per_prompt]
+    length = sum(map(len, answers)) / max(len(answers), 1)  # mean sampled answer, tokens (length_growth alarm)
+    return {"task_reward": scores.sampled_reward, "task_reward_greedy": scores.greedy_reward, "kl": kl,
+            "task_length": length}
 
 
 def before_after(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """The summary keys of a run with a task."""
     return {"task_reward_before": before["task_reward"], "task_reward_after": after["task_reward"],
             "task_reward_greedy_before": before["task_reward_greedy"],
-            "task_reward_greedy_after": after["task_reward_greedy"], "kl": after["kl"]}
+            "task_reward_greedy_after": after["task_reward_greedy"], "kl": after["kl"],
+            "task_length_before": before["task_length"], "task_length_after": after["task_length"]}
 
 
 def format_table(summary: dict) -> str:

@@ -35,7 +35,7 @@ from dpolab.models.logps import SequenceLogps
 from dpolab.models.reference import FROZEN_COPY
 from dpolab.objective import Objective
 from dpolab.tasks import load_task
-from dpolab.training import distributed
+from dpolab.training import diagnostics, distributed
 from dpolab.training.checkpoint import load_checkpoint
 from dpolab.training.guard import NonFiniteGuard, StopSignals
 from dpolab.training.resume import check_same_data, checkpoints_to_resume, data_digest
@@ -81,6 +81,7 @@ class Progress:
     eval_before: dict = field(default_factory=dict)
     guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(0))
     last: dict = field(default_factory=dict)  # the metrics of the latest step
+    alarms: diagnostics.Alarms = field(default_factory=diagnostics.Alarms)  # raised from the metrics history
 
     def state(self, objective: Objective, digest: str) -> dict:
         return {"objective": objective.state, "num_tokens": self.tokens_seen, "eval_before": self.eval_before,
@@ -205,6 +206,8 @@ def train(config: Config) -> dict:
     build_models(run)
     progress = restore(run)
     files.start(config, progress.step if config.resume else None, run.checkpoints)
+    progress.alarms = diagnostics.replay(diagnostics.Thresholds(
+        **{k: getattr(config, f"alarm_{k}") for k in diagnostics.Thresholds._fields}), files.out / "metrics.jsonl")
     if progress.step == 0:
         progress.eval_before = evaluate_run(run, files, 0)
     bar = tqdm(total=run.total_steps, initial=progress.step, desc="dpolab",
@@ -229,6 +232,7 @@ def train(config: Config) -> dict:
                                      "tokens_per_second": stats["num_tokens"] / (time.perf_counter() - t0)}
             if done % config.log_every == 0 or done == run.total_steps:
                 files.log(done, progress.last)
+            progress.alarms.observe(done, progress.last)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats.get('rewards/accuracies', float('nan')):.2f}",
                             margin=f"{stats['rewards/margins']:.3f}", tok_s=f"{progress.last['tokens_per_second']:.0f}")
@@ -255,6 +259,7 @@ def finish(run: Run, files: RunFiles, progress: Progress, runtime: float) -> dic
         summary |= run_task_report(run.config, run.task, run.judge, run.model, run.tokenizer)
     if "eval/rewards/accuracies" in eval_after:  # paired data (unpaired rows have no pairs to rank)
         summary["eval_reward_accuracy"] = eval_after["eval/rewards/accuracies"]
+    summary["diagnostics"] = progress.alarms.after_training(summary, run.total_steps)
     run.accelerator.wait_for_everyone()
     state = distributed.full_state_dict(run.accelerator, run.policy)  # every process: FSDP/ZeRO-3 gather shards
     files.finish(run.model, run.tokenizer, run.config, state, summary, run.objective.state)

@@ -86,7 +86,7 @@ class RunFiles:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
         with writing(self.out / "plots", self.last_saved):
-            plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+            plot_metrics(self.out / "metrics.jsonl", self.out / "plots", summary.get("diagnostics", ()))
 
 
 def tracker_config(config: Config) -> dict:
