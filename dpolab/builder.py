@@ -13,11 +13,12 @@ import copy
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dpolab import embedded
-from dpolab.config import Config, trackers
+from dpolab.evaluation.metrics import trackers
 from dpolab.data.batch import Collate
 from dpolab.data.reading import load_records
 from dpolab.data.records import Example, split_records, unpair_records
@@ -28,6 +29,9 @@ from dpolab.models.loading import is_adapter_dir, load_model
 from dpolab.models.reference import (ADAPTERS, NONE, REF_MODEL, CachedReference, ModelReference, NoReference,
                                      cache_key, choose_reference, compute_table, reference_identity, shared_table)
 from dpolab.objective import Objective, build_objective
+
+if TYPE_CHECKING:  # annotations only
+    from dpolab.config import Config
 
 log = logging.getLogger("dpolab")
 

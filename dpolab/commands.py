@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from dpolab import recipes
-from dpolab.config import Config, _fields
+from dpolab.config import NOT_TRAINING, Config, _fields
 from dpolab.embedded import RECIPE
 from dpolab.errors import ConfigError
 from dpolab.objective import OBJECTIVE_FIELDS
@@ -35,9 +35,6 @@ MODEL = ("model", "trust_remote_code", "allow_pickle_weights")
 RUNTIME = ("bf16", "logits_chunk", "layout", "row_tokens", "attn_implementation")
 DATA = ("data", "max_length", "max_prompt_length", "seed", "skip_invalid", "ignore_columns", "template_mismatch")
 SAMPLING = ("num_samples", "temperature", "seed", "max_new_tokens")
-# Fields of the sampling and scoring commands only; training takes every other field.
-NOT_TRAINING = ("prompts", "reward", "output", "num_prompts", "num_samples", "temperature", "max_new_tokens",
-                "prompt", "response", "adapter", "temperatures")
 
 COMMANDS = {
     "train": Command("train a policy (no arguments: the embedded default)",

@@ -14,14 +14,16 @@ accepted and ignored), and :data:`OBJECTIVE_FIELDS`, every config field the obje
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from dpolab.data.batch import Batch
 from dpolab.errors import ConfigError
 from dpolab.losses import (LOSSES, Loss, f_divergence_inputs, get_loss, kto_kl_estimate, update_running_mean,
                            wpo_weights)
+
+if TYPE_CHECKING:  # annotations only
+    from dpolab.data.batch import Batch
 
 Tensor = torch.Tensor
 

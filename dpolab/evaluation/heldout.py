@@ -4,74 +4,23 @@ answer (``dpolab score``), both measured with a run's own objective when the mod
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 
 from dpolab import builder
 from dpolab.commands import load_config
-from dpolab.data.batch import DEFAULT_LAYOUT, Collate, make_batch
+from dpolab.data.batch import DEFAULT_LAYOUT, make_batch
 from dpolab.data.reading import load_records
-from dpolab.data.records import Example, Record
+from dpolab.data.records import Record
 from dpolab.data.tokenization import Tokenizer
 from dpolab.errors import DpolabError
-from dpolab.evaluation import metrics as M
+from dpolab.evaluation.metrics import evaluate_examples
 from dpolab.models.loading import load_model, load_tokenizer
 from dpolab.models.logps import SequenceLogps
 from dpolab.models.record import beta_source, read_record, recorded_settings
 from dpolab.models.reference import NONE, ModelReference, NoReference
-from dpolab.objective import Objective, Output
 
 log = logging.getLogger("dpolab")
-
-
-@torch.no_grad()
-def evaluate_examples(policy, reference, objective: Objective, examples: list[Example], batch_size: int,
-                      accelerator, collate: Collate, prefix: str = "eval/") -> dict[str, float]:
-    """Mean metrics over every example, in global batches of ``batch_size`` as in training: batch i holds
-    examples [i·B, (i+1)·B) and process r takes every N-th of them (r, r + N, ...), so the metrics (KTO's
-    batch KL estimate included) do not depend on the number of processes, up to summation order.
-
-    Every process runs the same number of batches of the same size, because a forward under FSDP and the
-    KL estimate's gather are collectives: where a process's share of the last batch is short, it is padded
-    with copies of an example, which are masked out of the gathered KL pairs and of the metric sums.
-    """
-    was_training, gather = policy.training, objective.gather
-    policy.eval()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = -(-batch_size // world) * world  # examples per global batch
-    total = None
-    try:
-        for i in range(0, len(examples), per_step):
-            chunk = examples[i: i + per_step]
-            size = -(-len(chunk) // world)  # every process's batch size
-            mine = chunk[rank::world]
-            real = len(mine)
-            batch = collate(mine + [chunk[0]] * (size - real)).to(accelerator.device)
-            if world > 1:  # KL pairs of padding rows leave the gathered estimate
-                keep = accelerator.gather((torch.arange(size) < real).float().to(accelerator.device)) > 0
-                objective.gather = lambda t, keep=keep: accelerator.gather(t)[keep]
-            out = objective(policy(**batch.model_inputs()), reference(batch), batch)
-            total = M.add(total, M.example_sums(first_examples(out, batch, real)))
-    finally:
-        objective.gather = gather
-    if total is None:  # no examples at all; every process still joins the reduction
-        total = M.zeros(objective.data != "unpaired", objective.needs_kl)
-    total = {k: accelerator.reduce(v.to(accelerator.device), "sum") for k, v in total.items()}
-    policy.train(was_training)
-    return M.means(total, prefix)
-
-
-def first_examples(out: Output, batch, n: int) -> Output:
-    """The part of ``out`` that belongs to the batch's first ``n`` examples (the rest is padding). Unpaired
-    outputs list the desirable and the undesirable examples apart, each in batch order."""
-    if n == len(out.losses):
-        return out
-    n_c, n_r = (n, n) if out.paired else (int(batch.labels[:n].sum()), n - int(batch.labels[:n].sum()))
-    cut = {f: getattr(out, f)[:n_c if "chosen" in f else n_r] for f in ("chosen_rewards", "rejected_rewards",
-           "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths",
-           "rejected_lengths") if getattr(out, f) is not None}
-    return replace(out, losses=out.losses[:n], **cut)
 
 
 def evaluate(model: str, data: str, ref_model: str | None = None, loss: str | None = None,

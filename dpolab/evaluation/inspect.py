@@ -60,7 +60,7 @@ def reference_report(model, tokenizer, records, max_length: int, max_prompt_leng
                      layout: str, low_token_logp: float, progress: bool) -> dict:
     """Mean reference log-prob per token of the chosen (first) and rejected (last) answers, and the rows
     whose chosen answer gets less than ``low_token_logp`` nats a token."""
-    tok = Tokenizer(tokenizer, max_length, max_prompt_length)
+    tok = Tokenizer(tokenizer, max_length, max_prompt_length, template_mismatch="warn")  # the audit counts those
     kept = [(r, ex) for i, r in enumerate(records) if (ex := tok(r, i)) is not None]
     logps = SequenceLogps(model.eval())
     collate = Collate(tokenizer.pad_token_id, layout, DEFAULT_ROW_TOKENS if layout == "packed" else 0)

@@ -1,4 +1,4 @@
-"""The metrics of SPEC §3, under the field's names, and where they are written.
+"""The metrics of SPEC §3, under the field's names, where they are written, and their mean over a dataset.
 
 Per micro-batch we keep *sums* over examples; sums add across micro-batches and processes exactly, and
 one division at the end gives the mean over every example of the step (or of the evaluation set).
@@ -7,12 +7,16 @@ one division at the end gives the mean over every example of the step (or of the
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from dpolab.objective import Output
+if TYPE_CHECKING:  # annotations only
+    from dpolab.data.batch import Collate
+    from dpolab.data.records import Example
+    from dpolab.objective import Objective, Output
 
 Tensor = torch.Tensor
 
@@ -103,3 +107,65 @@ def _step(line: str) -> float:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def trackers(report_to: str) -> list[str]:
+    """The trackers of a --report-to value ("none": no tracker).
+
+    >>> trackers("tensorboard, wandb"), trackers("none")
+    (['tensorboard', 'wandb'], [])
+    """
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    return [] if names == ["none"] else names
+
+
+@torch.no_grad()
+def evaluate_examples(policy, reference, objective: Objective, examples: list[Example], batch_size: int,
+                      accelerator, collate: Collate, prefix: str = "eval/") -> dict[str, float]:
+    """Mean metrics over every example, in global batches of ``batch_size`` as in training: batch i holds
+    examples [i·B, (i+1)·B) and process r takes every N-th of them (r, r + N, ...), so the metrics (KTO's
+    batch KL estimate included) do not depend on the number of processes, up to summation order.
+
+    Every process runs the same number of batches of the same size, because a forward under FSDP and the
+    KL estimate's gather are collectives: where a process's share of the last batch is short, it is padded
+    with copies of an example, which are masked out of the gathered KL pairs and of the metric sums.
+    """
+    was_training, gather = policy.training, objective.gather
+    policy.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = -(-batch_size // world) * world  # examples per global batch
+    total = None
+    try:
+        for i in range(0, len(examples), per_step):
+            chunk = examples[i: i + per_step]
+            size = -(-len(chunk) // world)  # every process's batch size
+            mine = chunk[rank::world]
+            real = len(mine)
+            batch = collate(mine + [chunk[0]] * (size - real)).to(accelerator.device)
+            if world > 1:  # KL pairs of padding rows leave the gathered estimate
+                keep = accelerator.gather((torch.arange(size) < real).float().to(accelerator.device)) > 0
+                objective.gather = lambda t, keep=keep: accelerator.gather(t)[keep]
+            out = objective(policy(**batch.model_inputs()), reference(batch), batch)
+            total = add(total, example_sums(first_examples(out, batch, real)))
+    finally:
+        objective.gather = gather
+    if total is None:  # no examples at all; every process still joins the reduction
+        total = zeros(objective.data != "unpaired", objective.needs_kl)
+    total = {k: accelerator.reduce(v.to(accelerator.device), "sum") for k, v in total.items()}
+    policy.train(was_training)
+    return means(total, prefix)
+
+
+def first_examples(out: Output, batch, n: int) -> Output:
+    """The part of ``out`` that belongs to the batch's first ``n`` examples (the rest is padding). Unpaired
+    outputs list the desirable and the undesirable examples apart, each in batch order."""
+    if n == len(out.losses):
+        return out
+    n_c, n_r = (n, n) if out.paired else (int(batch.labels[:n].sum()), n - int(batch.labels[:n].sum()))
+    cut = {f: getattr(out, f)[:n_c if "chosen" in f else n_r] for f in ("chosen_rewards", "rejected_rewards",
+           "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths",
+           "rejected_lengths") if getattr(out, f) is not None}
+    return replace(out, losses=out.losses[:n], **cut)

@@ -25,7 +25,7 @@ from dpolab.data.batch import Collate
 from dpolab.data.records import Example
 from dpolab.errors import ConfigError, Interrupted
 from dpolab.evaluation.compare import judged_win_rate
-from dpolab.evaluation.heldout import evaluate_examples
+from dpolab.evaluation.metrics import evaluate_examples
 from dpolab.evaluation.judges import JudgmentCache, Settings, load_judge
 from dpolab.evaluation.task_eval import before_after, task_report
 from dpolab.losses import tr_dpo_update_

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from dpolab.config import Config
 from dpolab.errors import ConfigError
 from dpolab.training.checkpoint import list_checkpoints, read_state
+
+if TYPE_CHECKING:  # annotations only
+    from dpolab.config import Config
 
 
 # Settings that may change between a run and its --resume: they decide what is logged, saved, evaluated or

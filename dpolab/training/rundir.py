@@ -11,17 +11,18 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dpolab.commands import COMMANDS
-from dpolab.config import Config, _fields
-from dpolab.errors import ConfigError
+from dpolab.errors import ConfigError, writing
 from dpolab.evaluation import metrics as M
 from dpolab.evaluation.plots import plot_metrics
 from dpolab.models import adapters
 from dpolab.models.record import RECORD, run_record
 from dpolab.training.card import render_card
 from dpolab.training.checkpoint import save_checkpoint
-from dpolab.errors import writing
+
+if TYPE_CHECKING:  # annotations only
+    from dpolab.config import Config
 
 
 class RunFiles:
@@ -49,7 +50,7 @@ class RunFiles:
         if not self.main:
             return
         with writing(self.out / "config.yaml", self.last_saved):
-            config.save(self.out / "config.yaml", COMMANDS["train"].fields)
+            config.save(self.out / "config.yaml")  # the training settings
         mirror = None
         if self.accelerator is not None and self.accelerator.log_with:
             try:
@@ -75,9 +76,7 @@ class RunFiles:
         """``final/`` (atomically), ``summary.json`` and the plots."""
         if not self.main:
             return
-        train = COMMANDS["train"].fields
-        card = render_card({k: v for k, v in config.to_dict().items() if k in train},
-                           {k: f.default for k, f in _fields().items() if k in train}, summary, adapters.is_peft(model))
+        card = render_card(config.training_settings(), config.training_defaults(), summary, adapters.is_peft(model))
         with writing(self.out / "final", self.last_saved, partial=self.out / ".final.tmp"):
             save_final(self.out, model, tokenizer, config, state_dict, objective_state, card)
         with writing(self.out / "summary.json", self.last_saved):
@@ -92,7 +91,7 @@ class RunFiles:
 def tracker_config(config: Config) -> dict:
     """The run's settings as trackers store them (numbers, strings and booleans; anything else as text)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in config.to_dict().items() if k in COMMANDS["train"].fields}
+            for k, v in config.training_settings().items()}
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
