@@ -7,6 +7,7 @@ import logging
 from dataclasses import replace
 
 import torch
+from tqdm.auto import tqdm
 
 from dpolab import builder
 from dpolab.commands import load_config
@@ -27,7 +28,7 @@ log = logging.getLogger("dpolab")
 
 @torch.no_grad()
 def evaluate_examples(policy, reference, objective: Objective, examples: list[Example], batch_size: int,
-                      accelerator, collate: Collate, prefix: str = "eval/") -> dict[str, float]:
+                      accelerator, collate: Collate, prefix: str = "eval/", progress: bool = False) -> dict[str, float]:
     """Mean metrics over every example, in global batches of ``batch_size`` as in training: batch i holds
     examples [i·B, (i+1)·B) and process r takes every N-th of them (r, r + N, ...), so the metrics (KTO's
     batch KL estimate included) do not depend on the number of processes, up to summation order.
@@ -42,7 +43,8 @@ def evaluate_examples(policy, reference, objective: Objective, examples: list[Ex
     per_step = -(-batch_size // world) * world  # examples per global batch
     total = None
     try:
-        for i in range(0, len(examples), per_step):
+        for i in tqdm(range(0, len(examples), per_step), desc="evaluating", unit="batch", leave=False,
+                      disable=not (progress and accelerator.is_main_process)):
             chunk = examples[i: i + per_step]
             size = -(-len(chunk) // world)  # every process's batch size
             mine = chunk[rank::world]
@@ -116,7 +118,7 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str | No
                            chunk=config.logits_chunk, ld_alpha=config.ld_alpha, aligned=config.use_weighting)
     policy = accelerator.prepare(policy)
     return evaluate_examples(policy, reference, objective, examples, config.batch_size, accelerator,
-                             builder.collate_for(config, tokenizer))
+                             builder.collate_for(config, tokenizer), progress=config.progress)
 
 
 @torch.no_grad()
