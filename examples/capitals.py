@@ -1,9 +1,9 @@
 """A verifiable task for a real chat model: name a country's capital in one word.
 
 Asked "What is the capital of France?" under the system prompt "Answer with one word.", SmolLM2-135M-Instruct
-usually knows the city but answers in a full sentence ("The capital of France is Paris."): on 48 held-out
+usually knows the city but answers in a full sentence ("The capital of France is Paris."): on 48
 countries, 0 of 192 answers sampled at temperature 1 and 0 of 48 greedy ones were the bare city (with
-"Answer with one word." repeated in the question, or "Reply with the city name only.": 0 of 144 and 0 of
+"Answer with one word." repeated in the question, or "Reply with the city name only.": 0 of 192 and 0 of
 96 on 24 and 16 countries). So the prompt shows one solved example first, as a previous turn ("What is
 the capital of Peru?" → "Lima"): then 3 % of sampled answers and 19 % of greedy ones pass (16 countries),
 rare enough for DPO to have work and frequent enough for on-policy pairs. The judge is unchanged, a
