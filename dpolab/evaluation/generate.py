@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from dpolab.data.tokenization import Tokenizer
 
@@ -41,9 +42,21 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
+def _ticker(bar, rows: int):
+    """A stopping criterion that never stops: it advances ``bar`` by the batch's ``rows`` at each step."""
+    from transformers import StoppingCriteria, StoppingCriteriaList  # deferred: transformers is a heavy import
+
+    class Tick(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            bar.update(rows)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Tick()])
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts, num_samples: int = 4, temperature: float = 1.0, seed: int = 0,
-           max_new_tokens: int = 64, batch_size: int = 256) -> Samples:
+           max_new_tokens: int = 64, batch_size: int = 256, progress: bool = False) -> Samples:
     """``num_samples`` answers per prompt; ``temperature = 0`` is greedy decoding (one answer suffices)."""
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompts)
@@ -54,6 +67,8 @@ def sample(model, tokenizer, prompts, num_samples: int = 4, temperature: float =
     completions, token_ids = [], []
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(ids) * num_samples * max_new_tokens, unit="tok", disable=not progress, leave=False,
+               desc="greedy answers" if greedy else f"sampling {num_samples} answers per prompt")
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         for i in range(0, len(ids), batch_size):
@@ -63,7 +78,10 @@ def sample(model, tokenizer, prompts, num_samples: int = 4, temperature: float =
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  num_return_sequences=num_samples, pad_token_id=pad, eos_token_id=eos,
+                                 stopping_criteria=_ticker(bar, len(chunk) * num_samples),
                                  **options)  # (b·n, P + new)
+            bar.n = min(i + batch_size, len(ids)) * num_samples * max_new_tokens  # all stopped early: full
+            bar.refresh()
             new = out[:, width:].tolist()
             for j in range(len(chunk)):
                 texts, toks = [], []
@@ -73,15 +91,16 @@ def sample(model, tokenizer, prompts, num_samples: int = 4, temperature: float =
                     toks.append(row[: end + 1])
                 completions.append(texts)
                 token_ids.append(toks)
+    bar.close()
     model.train(was_training)
     return Samples(completions, token_ids)
 
 
 def task_scores(model, tokenizer, reward, prompts, num_samples: int = 4, temperature: float = 1.0, seed: int = 0,
-                max_new_tokens: int = 64) -> TaskScores:
+                max_new_tokens: int = 64, progress: bool = False) -> TaskScores:
     """Mean task reward of sampled answers and of greedy answers on ``prompts``."""
-    samples = sample(model, tokenizer, prompts, num_samples, temperature, seed, max_new_tokens)
-    greedy = sample(model, tokenizer, prompts, 1, 0.0, seed, max_new_tokens)
+    samples = sample(model, tokenizer, prompts, num_samples, temperature, seed, max_new_tokens, progress=progress)
+    greedy = sample(model, tokenizer, prompts, 1, 0.0, seed, max_new_tokens, progress=progress)
     rewards = [[float(reward(p, c)) for c in cs] for p, cs in zip(prompts, samples.completions)]
     greedy_rewards = [float(reward(p, cs[0])) for p, cs in zip(prompts, greedy.completions)]
     n = sum(len(r) for r in rewards)

@@ -62,7 +62,7 @@ def evaluate(model: str, data: str, ref_model: str | None = None, loss: str | No
                            chunk=config.logits_chunk, ld_alpha=config.ld_alpha, aligned=config.use_weighting)
     policy = accelerator.prepare(policy)
     return evaluate_examples(policy, reference, objective, examples, config.batch_size, accelerator,
-                             builder.collate_for(config, tokenizer))
+                             builder.collate_for(config, tokenizer), progress=config.progress)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:  # annotations only
     from dpolab.data.batch import Collate
@@ -124,7 +125,7 @@ def trackers(report_to: str) -> list[str]:
 
 @torch.no_grad()
 def evaluate_examples(policy, reference, objective: Objective, examples: list[Example], batch_size: int,
-                      accelerator, collate: Collate, prefix: str = "eval/") -> dict[str, float]:
+                      accelerator, collate: Collate, prefix: str = "eval/", progress: bool = False) -> dict[str, float]:
     """Mean metrics over every example, in global batches of ``batch_size`` as in training: batch i holds
     examples [i·B, (i+1)·B) and process r takes every N-th of them (r, r + N, ...), so the metrics (KTO's
     batch KL estimate included) do not depend on the number of processes, up to summation order.
@@ -139,7 +140,8 @@ def evaluate_examples(policy, reference, objective: Objective, examples: list[Ex
     per_step = -(-batch_size // world) * world  # examples per global batch
     total = None
     try:
-        for i in range(0, len(examples), per_step):
+        for i in tqdm(range(0, len(examples), per_step), desc="evaluating", unit="batch", leave=False,
+                      disable=not (progress and accelerator.is_main_process)):
             chunk = examples[i: i + per_step]
             size = -(-len(chunk) // world)  # every process's batch size
             mine = chunk[rank::world]

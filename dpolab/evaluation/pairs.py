@@ -4,7 +4,7 @@ This is how Tülu 3 built its on-policy preference data, with a program in place
 prompt, draw several answers from the model itself, score each with a reward function, and, where the
 scores differ, pair an answer of the highest score (chosen) with one of the lowest (rejected), ties broken
 by a seeded draw. Prompts whose answers all score the same give no pair. Rows are written in the standard
-format with the scores, so ODPO's ``margin`` can be derived from ``score_chosen − score_rejected``.
+format (the conversational one for a prompt of chat messages: each answer one assistant message) with the scores, so ODPO's ``margin`` can be derived from ``score_chosen − score_rejected``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def pair_rows(prompts, completions: list[list[str]], scores: list[list[float]], 
             continue
         chosen = rng.choice([a for a, v in zip(answers, s) if v == hi])
         rejected = rng.choice([a for a, v in zip(answers, s) if v == lo])
+        if isinstance(prompt, list):  # a chat prompt: the answers are assistant messages, as training reads them
+            chosen, rejected = ([{"role": "assistant", "content": a}] for a in (chosen, rejected))
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": hi,
                      "score_rejected": lo})
     return rows
@@ -73,7 +75,7 @@ def read_prompts(path: str) -> list:
 
 def make_pairs(model: str, prompts: str, reward: str, output: str, num_samples: int = 4, temperature: float = 1.0,
                seed: int = 42, max_new_tokens: int = 64, trust_remote_code: bool = False,
-               allow_pickle_weights: bool = False) -> int:
+               allow_pickle_weights: bool = False, progress: bool = True) -> int:
     """Sample ``num_samples`` answers per prompt of the file ``prompts`` from ``model``, score them with
     ``reward`` (``module:function`` or a built-in task name), write the pairs to ``output``; return their
     number."""
@@ -88,7 +90,7 @@ def make_pairs(model: str, prompts: str, reward: str, output: str, num_samples: 
     texts = read_prompts(prompts)
     tokenizer = load_tokenizer(model, trust_remote_code)
     policy = load_model(model, trust_remote_code, allow_pickle_weights)
-    drawn = sample(policy, tokenizer, texts, num_samples, temperature, seed, max_new_tokens)
+    drawn = sample(policy, tokenizer, texts, num_samples, temperature, seed, max_new_tokens, progress=progress)
     scores = []
     for prompt, answers in zip(texts, drawn.completions):
         row = []

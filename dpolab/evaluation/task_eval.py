@@ -9,6 +9,7 @@ answers y ~ π as the mean of log π(y|x) − log π_ref(y|x), each sum taken by
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from dpolab.data.batch import DEFAULT_LAYOUT, DEFAULT_ROW_TOKENS, Collate
 from dpolab.data.records import Example
@@ -22,11 +23,11 @@ from dpolab.tasks import load_task
 
 @torch.no_grad()
 def sampled_kl(policy, reference, tokenizer, prompts, samples, batch_size: int = 64,
-               collate: Collate | None = None) -> float:
+               collate: Collate | None = None, progress: bool = False) -> float:
     """Monte-Carlo KL(π ‖ π_ref) from answers sampled from π (``samples`` from :func:`dpolab.evaluation.generate.sample`):
     the mean over answers of log π(y|x) − log π_ref(y|x), on the very tokens that were sampled (EOS included
     when the answer ended), never on a re-tokenisation of their text. ``collate``: the batch layout of the
-    log-probs (default: packed)."""
+    log-probs (default: packed); ``progress``: a bar over the answers scored."""
     collate = collate or Collate(tokenizer.pad_token_id)
     examples = []
     for ids, answers in zip(prompt_ids(tokenizer, prompts), samples.token_ids):
@@ -36,7 +37,8 @@ def sampled_kl(policy, reference, tokenizer, prompts, samples, batch_size: int =
     device = next(policy.parameters()).device
     pi, ref = SequenceLogps(policy), SequenceLogps(reference)
     total = 0.0
-    for i in range(0, len(examples), batch_size):
+    for i in tqdm(range(0, len(examples), batch_size), desc="KL of the sampled answers", disable=not progress,
+                  leave=False):
         batch = collate(examples[i: i + batch_size]).to(device)
         inputs = batch.model_inputs()
         total += (pi(**inputs) - ref(**inputs)).sum().item()
@@ -44,16 +46,16 @@ def sampled_kl(policy, reference, tokenizer, prompts, samples, batch_size: int =
 
 
 def task_report(policy, reference, tokenizer, task, num_prompts: int, num_samples: int, seed: int,
-                max_new_tokens: int, collate: Collate | None = None) -> dict[str, float]:
+                max_new_tokens: int, collate: Collate | None = None, progress: bool = False) -> dict[str, float]:
     """``task_reward`` (sampled, temperature 1), ``task_reward_greedy`` and ``kl`` on held-out prompts;
     ``collate`` makes the batches of the KL's log-probs."""
     prompts = list(task.eval_prompts[:num_prompts])
     was_training = policy.training
     policy.eval()
     scores = task_scores(policy, tokenizer, task.reward, prompts, num_samples=num_samples, temperature=1.0,
-                         seed=seed, max_new_tokens=max_new_tokens)
+                         seed=seed, max_new_tokens=max_new_tokens, progress=progress)
     kl = 0.0 if reference is policy else sampled_kl(policy, reference, tokenizer, prompts, scores.samples,
-                                                    collate=collate)
+                                                    collate=collate, progress=progress)
     policy.train(was_training)
     answers = [ids for per_prompt in scores.samples.token_ids for ids in per_prompt]
     length = sum(map(len, answers)) / max(len(answers), 1)  # mean sampled answer, tokens (length_growth alarm)
@@ -93,7 +95,7 @@ def format_table(summary: dict) -> str:
 def evaluate_task(model: str, task: str, ref_model: str | None = None, num_prompts: int = 200,
                   num_samples: int = 4, seed: int = 42, max_new_tokens: int = 64, layout: str = DEFAULT_LAYOUT,
                   row_tokens: int = DEFAULT_ROW_TOKENS, trust_remote_code: bool = False,
-                  allow_pickle_weights: bool = False) -> dict[str, float]:
+                  allow_pickle_weights: bool = False, progress: bool = True) -> dict[str, float]:
     """Task reward of ``ref_model`` (before) and ``model`` (after), and KL(model ‖ ref_model), on the task's
     held-out prompts; the reference defaults to the one a dpolab ``final/`` folder records."""
     try:
@@ -107,7 +109,7 @@ def evaluate_task(model: str, task: str, ref_model: str | None = None, num_promp
     policy = load_model(model, trust_remote_code, allow_pickle_weights)
     reference = load_model(ref_name, trust_remote_code, allow_pickle_weights)
     args = dict(num_prompts=num_prompts, num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens,
-                collate=Collate(tokenizer.pad_token_id, layout, row_tokens))
+                collate=Collate(tokenizer.pad_token_id, layout, row_tokens), progress=progress)
     before = task_report(reference, reference, tokenizer, task_obj, **args)
     after = task_report(policy, reference, tokenizer, task_obj, **args)
     return before_after(before, after)

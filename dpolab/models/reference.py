@@ -92,11 +92,12 @@ class NoReference:
 
 
 def model_fingerprint(name_or_path: str) -> str:
-    """Digest of a local model's weight and config files, or the hub id with its resolved revision."""
+    """Digest of a local model's weight and config files (or of its one GGUF file), or the hub id with its resolved revision."""
     path = Path(name_or_path)
     h = hashlib.sha256()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+    if path.is_dir() or path.is_file():  # a folder, or one file (a GGUF model)
+        files = ([path] if path.is_file() else
+                 sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file()))
         for f in files:
             h.update(f.name.encode())
             with open(f, "rb") as fh:

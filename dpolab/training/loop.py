@@ -170,7 +170,7 @@ def evaluate_run(run: Run, files: RunFiles, step: int) -> dict[str, float]:
     if not run.eval_examples:
         return {}
     result = evaluate_examples(run.policy, run.eval_ref, run.objective, run.eval_examples, run.config.batch_size,
-                               run.accelerator, run.collate, prefix="eval/")
+                               run.accelerator, run.collate, prefix="eval/", progress=run.config.progress)
     files.log(step, result)
     return result
 
@@ -283,7 +283,8 @@ def run_task_report(config: Config, task, judge, policy, tokenizer) -> dict[str,
                            attn_implementation=config.attn_implementation)
     reference.to(next(policy.parameters()).device)
     args = dict(num_prompts=config.task_prompts, num_samples=config.task_samples, seed=config.seed,
-                max_new_tokens=config.task_max_new_tokens, collate=builder.collate_for(config, tokenizer))
+                max_new_tokens=config.task_max_new_tokens, collate=builder.collate_for(config, tokenizer),
+                progress=config.progress)
     before = task_report(reference, reference, tokenizer, task, **args)
     after = task_report(policy, reference, tokenizer, task, **args)
     win = judged_win_rate(policy, reference, tokenizer, list(task.eval_prompts[:config.task_prompts]), judge,
