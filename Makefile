@@ -34,7 +34,7 @@ demo: $(STAMP)
 test: $(DEV_STAMP) real-model
 	DPOLAB_REAL_MODEL=$(SMOLLM2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
-# The real-model tier alone (~5 minutes on 2 CPU cores).
+# The real-model tier alone (81 s on 2 idle CPU cores).
 test-real: $(DEV_STAMP) real-model
 	DPOLAB_REAL_MODEL=$(SMOLLM2) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_real_model.py
 
