@@ -97,7 +97,7 @@ def compare(model: str, ref_model: str | None = None, task: str | None = None, p
         texts = list(load_task(task).eval_prompts) if task is not None else read_prompts(prompts)
     except ValueError as e:
         raise ConfigError(f"task: {e}") from None
-    spec = judge or task
+    spec = judge or f"task:{task}"  # the task's own reward, whatever form its name takes
     judge_obj = load_judge(spec, Settings(judge_model, judge_api_key_env, judge_timeout, trust_remote_code))
     out = Path(output or "runs/compare")
     cache = JudgmentCache(out / "judgments.jsonl")

@@ -107,7 +107,7 @@ def check_settings_and_data(config: Config) -> Run:
     task = load_task_or_refuse(config.task)
     if config.judge is not None and task is None:
         raise ConfigError("judge: dpolab train judges answers to a task's held-out prompts; give --task too")
-    judge = load_judge(config.judge or config.task, Settings(config.judge_model, config.judge_api_key_env,
+    judge = load_judge(config.judge or f"task:{config.task}", Settings(config.judge_model, config.judge_api_key_env,
                        config.judge_timeout, config.trust_remote_code)) if task is not None else None
     records = builder.read_records(config, objective)  # bad data is refused before the tokenizer or any model
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
