@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -229,11 +229,9 @@ class Config:
     def training_defaults() -> dict[str, Any]:
         return {k: f.default for k, f in _fields().items() if k not in NOT_TRAINING}
 
-    def save(self, path: Path, fields: Sequence[str] | None = None) -> None:
-        """The resolved config as YAML: the training settings (a run's config.yaml), or the ``fields`` given."""
-        values = self.training_settings() if fields is None else {k: v for k, v in self.to_dict().items()
-                                                                     if k in fields}
-        path.write_text(yaml.safe_dump(values, sort_keys=False))
+    def save(self, path: Path) -> None:
+        """The resolved training settings as YAML (a run's config.yaml)."""
+        path.write_text(yaml.safe_dump(self.training_settings(), sort_keys=False))
 
 
 

@@ -66,7 +66,7 @@ def test_a_saved_config_with_every_field_at_its_default_is_accepted(tmp_path):
     """A run's config.yaml holds the training fields only; a file that names another command's field at its
     default (as an older config.yaml did) is accepted, since it asks for nothing."""
     path = tmp_path / "c.yaml"
-    Config(max_steps=3).validate().save(path, COMMANDS["train"].fields)  # as a run writes it
+    Config(max_steps=3).validate().save(path)  # as a run writes it
     assert "\nprompts:" not in path.read_text() and "max_steps: 3" in path.read_text()
     path.write_text(path.read_text() + "prompts: null\nnum_samples: 4\n")
     assert dpolab.load_config(str(path)).max_steps == 3
