@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -273,12 +274,15 @@ def test_an_llm_judge_needs_a_chat_model(tiny_model, tmp_path):
 def test_a_users_task_named_module_function_judges_by_its_reward(tiny_model, prefs, tmp_path, monkeypatch):
     """--task module:function (a function returning a Task) with no --judge: the judge is that task's reward,
     in train --task as in compare (it was taken for a pointwise judge function and refused)."""
-    (tmp_path / "my_task.py").write_text(
+    name = "judge_test_user_task"  # a module name no other test imports (imports are cached per process)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / f"{name}.py").write_text(
         "from dpolab.tasks import Task\n\n\ndef reward(prompt, completion):\n    return float('good' in completion)\n\n\n"
         "def task():\n    return Task('mine', ['what is red?'], ['what is red?', 'what is blue?'], reward)\n")
     monkeypatch.chdir(tmp_path)  # load_object looks in the current directory first
     summary = dpolab.train(model=str(tiny_model), data=str(prefs), output_dir=str(tmp_path / "run"), max_steps=1,
-                           batch_size=8, eval_split=0.0, save_every=0, progress=False, task="my_task:task",
+                           batch_size=8, eval_split=0.0, save_every=0, progress=False, task=f"{name}:task",
                            task_prompts=2, task_samples=1, task_max_new_tokens=3)
-    assert summary["judge"] == "task:my_task:task"
+    assert summary["judge"] == f"task:{name}:task"
+    monkeypatch.delitem(sys.modules, name, raising=False)
     assert 0.0 <= summary["win_rate"] <= 1.0
