@@ -155,9 +155,10 @@ def test_refusals(tiny_model, lora_run):
 
 def live_tensor_bytes() -> int:
     """Bytes of every tensor storage alive in this process (parameters, buffers, optimizer states, tables),
-    each storage counted once."""
+    each storage counted once. Garbage is collected first: what an earlier test left unreachable is not held."""
     import gc
 
+    gc.collect()
     storages = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
@@ -168,7 +169,8 @@ def live_tensor_bytes() -> int:
 
 def test_lora_reference_holds_no_second_copy(lora_run, tiny_model, monkeypatch, tmp_path):
     """Everything held while the first step runs: adapters-off reference vs an explicit reference model with
-    the same weights (a second copy). The first holds less by a whole model's weights."""
+    the same weights (a second copy). The first holds less by a whole model's weights. Each run is measured
+    from what the process held just before it, so tensors other tests keep alive in the same process cancel."""
     import dpolab.training.loop as training
 
     held = []  # live bytes at the first step of each run
@@ -176,16 +178,16 @@ def test_lora_reference_holds_no_second_copy(lora_run, tiny_model, monkeypatch, 
 
     def measured(*args, **kwargs):
         if len(held) < runs:
-            held.append(live_tensor_bytes())
+            held.append(live_tensor_bytes() - before)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(training, "train_step", measured)
     _, prefs, _ = lora_run
     common = dict(model=str(tiny_model), data=str(prefs), batch_size=8, max_steps=1, eval_split=0, save_every=0,
                   progress=False, lora_r=4)
-    runs = 1
+    runs, before = 1, live_tensor_bytes()
     dpolab.train(output_dir=str(tmp_path / "off"), **common)
-    runs = 2
+    runs, before = 2, live_tensor_bytes()
     dpolab.train(output_dir=str(tmp_path / "copy"), ref_model=str(tiny_model), **common)
     model_bytes = sum(t.numel() * 4 for t in load_file_tensors(tiny_model))
     shared, copy = held
