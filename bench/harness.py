@@ -197,7 +197,8 @@ def run_dpolab(spec: dict) -> dict:
 def run_trl(spec: dict) -> dict:
     """One epoch of TRL 1.16's ``DPOTrainer`` with its defaults, but fp32 and no gradient checkpointing
     (as dpolab; TRL's defaults turn both on), no evaluation, saving, logging or progress bar, on the CPU,
-    with a reference model (TRL's default) or ``precompute_ref_log_probs``."""
+    with a reference model (TRL's default) or ``precompute_ref_log_probs``; option ``lora_r``: LoRA adapters
+    through peft (α = 2r on every linear layer, as dpolab's ``--lora-r r --lora-alpha 2r``)."""
     t_start = time.perf_counter()
     import torch
 
@@ -212,16 +213,24 @@ def run_trl(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             marks.append(time.perf_counter())
 
+    options = dict(spec.get("options", {}))
+    lora_r = options.pop("lora_r", 0)  # LoRA through peft, as TRL takes it: adapters on every linear layer
+    peft_config = None
+    if lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(**(dict(output_dir=out, per_device_train_batch_size=ds["batch_size"], num_train_epochs=1,
                                  learning_rate=ds["learning_rate"], beta=ds["beta"], max_length=ds["max_length"],
                                  lr_scheduler_type="constant", warmup_steps=0, bf16=False,
                                  gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
                                  eval_strategy="no", logging_strategy="no", disable_tqdm=True, seed=ds["seed"],
-                                 train_sampling_strategy="sequential") | spec.get("options", {})))
+                                 train_sampling_strategy="sequential") | options))
         rows = [json.loads(line) for line in Path(ds["trl_data"]).read_text().splitlines()]
         trainer = DPOTrainer(model=ds["model"], args=args, train_dataset=Dataset.from_list(rows),
-                             callbacks=[Marks()])
+                             callbacks=[Marks()], peft_config=peft_config)
         compute_loss = trainer.compute_loss
 
         def recorded(*a, **k):
@@ -245,13 +254,21 @@ def threads(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
 
 
+def peak_cuda_mb() -> float | None:
+    """The GPU's high-water mark of allocated memory, when the run used one."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def report(spec: dict, wall: float, marks: list[float], losses: list[float], batch_size: int, **extra) -> dict:
     n = len(marks)
     w = max(2, n // 10) if n > 3 else 0
     steady = batch_size * (n - w) / (marks[-1] - marks[w - 1]) if n > w and w > 0 else float("nan")
     return dict(label=spec["label"], framework=spec["framework"], dataset=spec["dataset"]["name"], wall_s=wall,
                 steps=n, warmup_steps=w, pairs_per_s=steady, step_s=batch_size / steady, losses=losses,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra)
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_cuda_mb=peak_cuda_mb(),
+                **extra)
 
 
 WORKERS = {"dpolab": run_dpolab, "trl": run_trl}

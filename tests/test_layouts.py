@@ -8,6 +8,7 @@ for standard, conversational, ranked (K = 3) and unpaired + KL data, and with tr
 
 import doctest
 import math
+import os
 import random
 from pathlib import Path
 
@@ -29,6 +30,14 @@ from dpolab.objective import build_objective
 from .conftest import WORDS
 
 LAYOUT_SETTINGS = [("padded", 0), ("prefix", 0), ("packed", 0), ("packed", 40), ("packed", 10_000)]
+# Where the models run and which attention kernels take the masks: the CPU, SDPA and eager, here and in CI.
+# bench/gpu_check.sh runs this file with DPOLAB_TEST_DEVICE=cuda, which adds FlexAttention and its BlockMask.
+DEVICE = torch.device(os.environ.get("DPOLAB_TEST_DEVICE", "cpu"))
+ATTENTIONS = ["sdpa", "eager"] + (["flex_attention"] if DEVICE.type == "cuda" else [])
+
+
+def inputs(batch) -> dict:
+    return batch.to(DEVICE).model_inputs()
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -69,10 +78,10 @@ def alone(model, examples: list[Example]) -> torch.Tensor:
     out = []
     for ex in examples:
         for c in ex.completion_ids:
-            ids = torch.tensor([ex.prompt_ids + c])
+            ids = torch.tensor([ex.prompt_ids + c], device=model.device)
             logps = model(input_ids=ids).logits.float().log_softmax(-1)[0]  # (T, V)
             P = len(ex.prompt_ids)
-            out.append(logps[P - 1: P - 1 + len(c)].gather(-1, torch.tensor(c)[:, None]).sum())
+            out.append(logps[P - 1: P - 1 + len(c)].gather(-1, torch.tensor(c, device=model.device)[:, None]).sum())
     return torch.stack(out)
 
 
@@ -84,11 +93,11 @@ def tokenizer(tiny_model):
 
 
 def load(path, attn: str = "sdpa"):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).to(DEVICE).eval()
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ATTENTIONS)
 def test_every_layout_gives_each_sequence_its_log_prob_alone(kind, attn, tiny_model, tokenizer):
     """Eager adds the mask to the scores and SDPA reads it as bool: both forms are checked."""
     model = load(tiny_model, attn)
@@ -103,7 +112,7 @@ def test_every_layout_gives_each_sequence_its_log_prob_alone(kind, attn, tiny_mo
         expected = alone(model, exs)
         for layout, row_tokens in LAYOUT_SETTINGS:
             b = make_batch(exs, tokenizer.pad_token_id, layout, row_tokens)
-            got = SequenceLogps(model, chunk=7)(**b.model_inputs())
+            got = SequenceLogps(model, chunk=7)(**inputs(b))
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"{layout} row_tokens={row_tokens}")
 
 
@@ -122,10 +131,10 @@ def test_every_layout_gives_the_same_loss_and_gradients(kind, tiny_model, other_
     results = {}
     for layout, row_tokens in LAYOUT_SETTINGS:
         policy = load(tiny_model)
-        b = make_batch(exs, tokenizer.pad_token_id, layout, row_tokens)
+        b = make_batch(exs, tokenizer.pad_token_id, layout, row_tokens).to(DEVICE)
         with torch.no_grad():
-            ref = reference(**b.model_inputs())
-        loss = objective(SequenceLogps(policy, chunk=5)(**b.model_inputs()), ref, b).losses.mean()
+            ref = reference(**inputs(b))
+        loss = objective(SequenceLogps(policy, chunk=5)(**inputs(b)), ref, b).losses.mean()
         loss.backward()
         results[layout, row_tokens] = loss.detach(), [p.grad.clone() for p in policy.parameters()]
     base_loss, base_grads = results["padded", 0]
@@ -146,7 +155,7 @@ def test_the_lm_head_runs_only_on_scored_positions_in_chunks(tiny_model, tokeniz
     for layout, row_tokens in LAYOUT_SETTINGS:
         rows.clear()
         b = make_batch(exs, tokenizer.pad_token_id, layout, row_tokens)
-        SequenceLogps(model, chunk=8)(**b.model_inputs()).sum().backward()  # backward recomputes each chunk
+        SequenceLogps(model, chunk=8)(**inputs(b)).sum().backward()  # backward recomputes each chunk
         scored = sum(len(c) for ex in exs for c in ex.completion_ids)
         assert max(rows) <= 8 and sum(rows) == 2 * scored, layout
 
@@ -156,7 +165,7 @@ def test_ld_dpo_weights_follow_each_sequence_in_every_layout(tiny_model, tokeniz
     model = load(tiny_model)
     exs = examples_of("standard", tokenizer)
     with torch.no_grad():
-        got = {s: SequenceLogps(model, chunk=3, ld_alpha=0.5)(**make_batch(exs, 0, *s).model_inputs())
+        got = {s: SequenceLogps(model, chunk=3, ld_alpha=0.5)(**inputs(make_batch(exs, 0, *s)))
                for s in LAYOUT_SETTINGS}
     for s, v in got.items():
         torch.testing.assert_close(v, got["padded", 0], atol=1e-5, rtol=0, msg=str(s))
@@ -171,15 +180,15 @@ def test_gradient_checkpointing_with_a_packed_batch(tiny_model, tokenizer):
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # the tiny model has no dropout; train mode is what turns checkpointing on
-        weights = torch.linspace(-1, 1, 2 * len(exs))
+        weights = torch.linspace(-1, 1, 2 * len(exs), device=DEVICE)
         b = make_batch(exs, tokenizer.pad_token_id, layout)
-        (SequenceLogps(model)(**b.model_inputs()) * weights).sum().backward()
+        (SequenceLogps(model)(**inputs(b)) * weights).sum().backward()
         grads.append([p.grad for p in model.parameters()])
     for a, e in zip(*grads):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ATTENTIONS)
 def test_bf16_autocast_takes_the_masks_too(attn, tiny_model, tokenizer):
     """Under bf16 autocast the scores are bf16 and the masks must still apply (SDPA: bool, any dtype;
     eager: an fp32 additive mask, which promotes the scores): every layout stays within bf16 rounding of the
@@ -190,8 +199,8 @@ def test_bf16_autocast_takes_the_masks_too(attn, tiny_model, tokenizer):
         expected = alone(model, exs)
         for layout, row_tokens in LAYOUT_SETTINGS:
             b = make_batch(exs, tokenizer.pad_token_id, layout, row_tokens)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got = SequenceLogps(model)(**b.model_inputs())
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                got = SequenceLogps(model)(**inputs(b))
             torch.testing.assert_close(got, expected, atol=0.05, rtol=0, msg=layout)
 
 
@@ -253,6 +262,30 @@ def test_the_mask_forms_say_the_same_thing(tokenizer):
     assert torch.equal(block.mask_mod(torch.arange(N)[:, None, None, None], torch.zeros(1), q, kv), seen)
 
 
+def test_rows_padded_to_the_flex_bucket_keep_every_log_prob(tiny_model, tokenizer):
+    """Under FlexAttention the decoder gets rows padded to a multiple of 128 columns, so the kernel that
+    transformers compiles sees a few row lengths, not a new one every batch. The added columns are padding:
+    every layout keeps each sequence's log-prob alone. Checked here under SDPA with the bucket set; on CUDA
+    the test above runs FlexAttention itself (bench/gpu_check.sh)."""
+    assert SequenceLogps(load(tiny_model, "flex_attention")).bucket == 128
+    assert SequenceLogps(load(tiny_model)).bucket == 1
+    model = load(tiny_model)
+    widths = []
+    model.get_decoder().register_forward_pre_hook(lambda m, a, k: widths.append(k["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    logps = SequenceLogps(model, chunk=7)
+    logps.bucket = 128
+    exs = examples_of("conversational", tokenizer)
+    with torch.no_grad():
+        expected = alone(model, exs)
+        for layout, row_tokens in LAYOUT_SETTINGS:
+            widths.clear()
+            b = make_batch(exs, tokenizer.pad_token_id, layout, row_tokens)
+            got = logps(**inputs(b))
+            assert widths == [128] and b.input_ids.shape[1] < 128, (layout, widths)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"{layout} row_tokens={row_tokens}")
+
+
 def test_fill_rows_keeps_every_item_once_within_the_budget():
     rng = random.Random(0)
     for _ in range(200):
@@ -284,13 +317,13 @@ def test_refusals(tiny_model, tokenizer):
     model = load(tiny_model)
     model.config._attn_implementation = "flash_attention_2"  # a kernel that takes no custom mask
     with pytest.raises(ConfigError, match="--layout padded"):
-        SequenceLogps(model)(**b.model_inputs())
+        SequenceLogps(model)(**inputs(b))
     model = load(tiny_model)
     model.config.sliding_window = 4  # a custom mask would silently drop the window
     with pytest.raises(ConfigError, match="sliding window"):
-        SequenceLogps(model)(**b.model_inputs())
+        SequenceLogps(model)(**inputs(b))
     with torch.no_grad():  # the padded layout leaves both to transformers
-        SequenceLogps(model)(**make_batch(examples_of("standard", tokenizer), 0, "padded").model_inputs())
+        SequenceLogps(model)(**inputs(make_batch(examples_of("standard", tokenizer), 0, "padded")))
 
 
 def first_step(out) -> dict:

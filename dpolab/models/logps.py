@@ -50,11 +50,28 @@ def flex_block_mask(segment_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype)
 # The one place an attention implementation name is looked up: its form of a custom mask.
 ATTENTION_MASKS = {"sdpa": bool_mask, "eager": additive_mask, "flex_attention": flex_block_mask}
 
+# FlexAttention, as transformers compiles it, specialises its kernel to the row length: each new length
+# compiles anew (a peer measured 14.7 s a compile on a GPU), and every batch of real data has a new one.
+# Rows go in padded to a multiple of its block size instead, so a run sees at most max_length / 128 lengths;
+# the added columns are padding (masked, segment −1) and their hidden states are dropped.
+FLEX_BUCKET = 128
+PADDING = dict(input_ids=0, attention_mask=0, position_ids=0, segment_ids=-1, branch_ids=0)  # as assemble pads
+
+
+def attention_implementation(config) -> str:
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def bucket_columns(T: int, tensors: dict[str, Tensor | None], fill: dict[str, int]) -> dict[str, Tensor | None]:
+    """Each (N, t) tensor right-padded to T columns with its ``fill`` value (None stays None)."""
+    return {k: None if t is None else nn.functional.pad(t, (0, T - t.shape[1]), value=fill[k])
+            for k, t in tensors.items()}
+
 
 def attention_mask_for(config, segment_ids: Tensor, branch_ids: Tensor, position_ids: Tensor,
                        dtype: torch.dtype):
     """The mask for a model with this ``config``; refuses what a custom mask cannot express."""
-    impl = getattr(config, "_attn_implementation", None) or "eager"
+    impl = attention_implementation(config)
     if impl not in ATTENTION_MASKS:
         raise ConfigError(f"the prefix and packed layouts need an attention implementation that takes a custom "
                           f"mask ({', '.join(ATTENTION_MASKS)}); this model uses {impl}: pass --layout padded")
@@ -102,17 +119,25 @@ class SequenceLogps(nn.Module):
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.scale = getattr(config, "logit_scale", None)
+        # rows go to the decoder padded to a multiple of this many columns (FlexAttention: its block size)
+        self.bucket = FLEX_BUCKET if attention_implementation(config) == "flex_attention" else 1
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                       segment_ids: Tensor | None = None, branch_ids: Tensor | None = None) -> Tensor:
         """Final hidden states (N, T, H) from the decoder, without the LM head. With segment and branch ids
         the model gets the 4D mask they define instead of the 2D padding mask."""
+        T = input_ids.shape[1]
+        if T % self.bucket:
+            cols = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        segment_ids=segment_ids, branch_ids=branch_ids)
+            cols = bucket_columns(-(-T // self.bucket) * self.bucket, cols, PADDING)
+            input_ids, attention_mask, position_ids, segment_ids, branch_ids = cols.values()
         if segment_ids is not None:
             attention_mask = attention_mask_for(self.model.config, segment_ids, branch_ids, position_ids,
                                                 getattr(self.model, "dtype", torch.float32))
         decoder = self.model.get_decoder()
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
+                       use_cache=False).last_hidden_state[:, :T]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, score_pos: Tensor,
                 score_tok: Tensor, score_seq: Tensor, num_sequences: int, segment_ids: Tensor | None = None,
