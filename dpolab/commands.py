@@ -35,6 +35,8 @@ MODEL = ("model", "trust_remote_code", "allow_pickle_weights")
 RUNTIME = ("bf16", "logits_chunk", "layout", "row_tokens", "attn_implementation")
 DATA = ("data", "max_length", "max_prompt_length", "seed", "skip_invalid", "ignore_columns", "template_mismatch")
 SAMPLING = ("num_samples", "temperature", "seed", "max_new_tokens")
+# iterate makes each round's data, and trains full weights (a round's policy is the next one's model to sample)
+NOT_ITERATE = ("data", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_on_save", "load_in_4bit")
 ITERATE = ("rounds", "prompts", "prompts_per_round", "num_samples", "temperature", "max_new_tokens", "pairs",
            "ref_update", "keep_pairs")
 
@@ -68,7 +70,7 @@ COMMANDS = {
                      grid=("beta", "loss", "learning_rate")),
     "iterate": Command("online and iterative DPO: rounds of sampling from the current policy, judging, pairing "
                        "and training, with per-round metrics (no arguments: the embedded default)",
-                       (*ITERATE, *(f for f in _fields() if f not in NOT_TRAINING and f != "data")), json=True),
+                       (*ITERATE, *(f for f in _fields() if f not in (*NOT_TRAINING, *NOT_ITERATE))), json=True),
     "inspect": Command("a pre-flight audit of a dataset (duplicates, contradictions, identical pairs, truncation, "
                        "length bias, tokenisation; with --model the reference's log-probs) and advice on the loss, "
                        "β and learning rate", ("data", "model", "max_length", "max_prompt_length", "skip_invalid",
@@ -109,8 +111,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         refuse_foreign(command, key, values[key], "argument")
     if command == "train" and values.get("model") is None and values.get("data") is None:
         _add_embedded_recipe(values, RECIPE)
-    if command == "iterate" and all(values.get(k) is None for k in ("model", "prompts", "task")):
-        _add_embedded_recipe(values, ITERATE_RECIPE, RECIPE)  # the iterate recipe first: its keys win
+    if command == "iterate" and values.get("model") is None:  # the bundled model: its recipes, iterate's first
+        _add_embedded_recipe(values, ITERATE_RECIPE, RECIPE)
     return Config(**values).validate()
 
 

@@ -199,8 +199,9 @@ class Config:
     pairs: str = opt("best-worst", "Pairs per prompt: best-worst (a highest-scored answer against a lowest) or "
                                    "all (every two answers whose scores differ, the score gap as margin).",
                      choices=("best-worst", "all"))
-    ref_update: str = opt("fixed", "The reference of each round: fixed (the initial model, or --ref-model) or "
-                                   "round (the previous round's policy).", choices=("fixed", "round"))
+    ref_update: str = opt("round", "The reference of each round: round (the previous round's policy, as "
+                                   "iterative DPO does) or fixed (the initial model, or --ref-model).",
+                          choices=("round", "fixed"))
     keep_pairs: bool = opt(False, "Train each round on the pairs of every round so far (off: this round's).")
     # --- the ecosystem: trackers, warm-up in steps (as TRL recipes give it), chat templates
     report_to: str = opt("tensorboard", "Comma-separated experiment trackers the metrics also go to, through "

@@ -67,9 +67,6 @@ class Setup:
 
 def prepare(config: Config) -> Setup:
     """Refuse what cannot run before any model is loaded; then the output folder and the tokenizer."""
-    if config.lora_r or config.sync_ref_model:
-        raise ConfigError("iterate trains full weights against a fixed or per-round reference; "
-                          f"{'--lora-r' if config.lora_r else '--sync-ref-model'} is not supported here")
     if config.num_samples < 2:
         raise ConfigError(f"iterate needs --num-samples ≥ 2 to have two answers to compare, got {config.num_samples}")
     if config.temperature <= 0:
@@ -133,9 +130,12 @@ def sample_stage(s: Setup, folder: Path, policy: str, prompts: list, n: int) -> 
 
 
 def pair_stage(s: Setup, folder: Path, prompts: list, answers: list[list[str]], n: int) -> list[dict]:
-    """The round's pairs, from ``pairs.jsonl`` when they were made already (judged through the round's cache)."""
+    """The round's pairs, from ``pairs.jsonl`` when they were made already (judged through the round's cache).
+    An empty answer cannot be a training row (SPEC §4): it is left out, so it is neither chosen nor rejected."""
     path = folder / "pairs.jsonl"
     if not path.is_file():
+        usable = [(p, kept) for p, a in zip(prompts, answers) if len(kept := [x for x in a if x.strip()]) > 1]
+        prompts, answers = [p for p, _ in usable], [a for _, a in usable]
         scores = judge_scores(s.judge, prompts, answers, JudgmentCache(folder / "judgments.jsonl"), s.config.progress)
         rows = pair_rows(prompts, answers, scores, s.config.seed + n) if s.config.pairs == "best-worst" else \
             all_pair_rows(prompts, answers, scores)
