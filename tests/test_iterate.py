@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from dpolab import cli
 from dpolab.commands import load_config
+from dpolab.errors import ConfigError
 from dpolab.evaluation.judges import JudgmentCache, Pairwise, Pointwise
 from dpolab.evaluation.pairs import judge_scores
 from dpolab.training import iterate as I
@@ -215,3 +216,24 @@ def test_bad_input_is_one_paragraph_and_writes_nothing(bad, message, tiny_model,
     err = capsys.readouterr().err
     assert err.startswith("dpolab: error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_resume_with_other_settings_is_refused_but_more_rounds_continue(tiny_model, whole):
+    root, prompts, whole_out = whole
+    values = settings(tiny_model, prompts, whole_out, **SMALL) | {"resume": True}
+    with pytest.raises(ConfigError, match=r"cannot resume: num_samples \(4 → 3\) differ"):
+        I.iterate(load_config(None, values | {"num_samples": 3}, command="iterate"))
+    I.check_resume(whole_out / "settings.json", load_config(None, values | {"rounds": 5}, command="iterate"))
+
+
+def test_no_arguments_runs_the_settings_the_benchmark_measured():
+    """`dpolab iterate` with no arguments is the embedded default whose three rounds docs/iterate.json records
+    (bench/iterate_time.py --docs), and those rounds reached the targets: held-out sampled task reward ≥ 0.80 and
+    greedy ≥ 0.92 in under 15 minutes."""
+    measured = json.loads((ROOT / "docs" / "iterate.json").read_text())
+    now = load_config(None, {}, command="iterate").to_dict()
+    assert {k: v for k, v in now.items() if k not in I.MAY_CHANGE} == {
+        k: v for k, v in measured["settings"].items() if k not in I.MAY_CHANGE}
+    assert now["model"] is None and now["task"] == "addition" and now["rounds"] == len(measured["rounds"]) - 1 == 3
+    assert measured["task_reward_after"] >= 0.80 and measured["task_reward_greedy_after"] >= 0.92
+    assert measured["wall_seconds"] < 900

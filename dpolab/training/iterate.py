@@ -4,14 +4,17 @@ them, pairs a better answer with a worse one, trains on the pairs, and measures 
 A round takes the whole prompt set (iterative DPO, as in Tülu 3 and Llama 3) or, with ``prompts_per_round``,
 the next batch of a seeded shuffle (online DPO, Guo et al. 2024). Any judge of
 :mod:`dpolab.evaluation.judges` scores the answers (a reward model relabels on the fly, as D2PO does). The
-reference stays the initial model (``ref_update=fixed``) or becomes the previous round's policy (``round``);
+reference becomes the previous round's policy (``ref_update=round``) or stays the initial model (``fixed``; or
+``ref_model`` where given);
 each round trains on its own pairs or, with ``keep_pairs``, on every round's so far, from a fresh optimizer
 and schedule. On disk, under ``OUT``::
 
     rounds/<n>/samples.jsonl    the answers sampled from the round's policy (seed + n)
     rounds/<n>/judgments.jsonl  the judge's cache;  rounds/<n>/pairs.jsonl  the round's pairs
     rounds/<n>/train.jsonl      with keep_pairs: the pairs it trains on;  rounds/<n>/run/  a normal run
-    rounds/<n>/round.json       the round's metrics, written last: the round is done
+    rounds/<n>/win_judgments.jsonl  the judgments of its win rate against the initial model
+    rounds/<n>/round.json       the round's metrics, written last: the round is done (round 0: the initial model)
+    settings.json               the settings (a resume must match them; only the number of rounds may change)
     summary.json, rounds.png, final/   the per-round metrics, their plot, the last policy
 
 Resumable at every stage: a round with ``round.json`` is kept; a finished stage's file is read, never redone
@@ -30,9 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from dpolab import builder
+from dpolab import builder, embedded
 from dpolab.config import Config
 from dpolab.data.records import split_records
 from dpolab.errors import ConfigError
@@ -77,13 +79,16 @@ def prepare(config: Config) -> Setup:
     judge = load_judge(config.judge or f"task:{config.task}", Settings(
         config.judge_model, config.judge_api_key_env, config.judge_timeout, config.trust_remote_code))
     prompts = read_prompts(config.prompts) if config.prompts else list(task.train_prompts)
+    if config.prompts_per_round > len(prompts):
+        raise ConfigError(f"prompts_per_round {config.prompts_per_round} is more than the {len(prompts)} prompts "
+                          "there are (0 takes them all every round)")
     eval_prompts = list(task.eval_prompts if task is not None else prompts)[:config.task_prompts]
     out = Path(config.output_dir)
     check_output_dir(out, config.resume, config.overwrite)
-    check_resume(out / "iterate.yaml", config)
+    check_resume(out / "settings.json", config)
     prepare_output_dir(out, config.overwrite)
-    (out / "iterate.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    initial = config.model or str(builder.resolve_defaults(dataclasses.replace(config)).model)
+    write_json(out / "settings.json", config.to_dict())
+    initial = config.model or str(embedded.MODEL)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Setup(config, out, initial, prompts, eval_prompts, task, judge,
                  load_tokenizer(initial, config.trust_remote_code), device)
@@ -93,7 +98,7 @@ def check_resume(saved: Path, config: Config) -> None:
     """A resume continues the same rounds: every setting but the number of rounds and run control must match."""
     if not (config.resume and saved.is_file()):
         return
-    before = yaml.safe_load(saved.read_text()) or {}
+    before = json.loads(saved.read_text())
     changed = [f"{k} ({before[k]!r} → {v!r})" for k, v in config.to_dict().items()
                if k not in MAY_CHANGE and k in before and before[k] != v]
     if changed:
@@ -231,7 +236,7 @@ def iterate(config: Config) -> dict:
 def write_summary(s: Setup, rounds: list[dict], final: bool) -> dict:
     """``summary.json`` and ``rounds.png``; at the end also ``final/``, the last policy."""
     first, last = rounds[0], rounds[-1]
-    summary = {"task": s.config.task, "judge": s.judge.identity, "rounds": rounds}
+    summary = {"task": s.config.task, "judge": s.judge.identity, "rounds": rounds, "settings": s.config.to_dict()}
     if "task_reward" in first:
         summary |= {"task_reward_before": first["task_reward"], "task_reward_greedy_before": first["task_reward_greedy"],
                     "task_reward_after": last["task_reward"], "task_reward_greedy_after": last["task_reward_greedy"]}
