@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from dpolab import cli
@@ -108,12 +109,10 @@ def test_online_rounds_with_all_pairs_round_references_and_kept_pairs(tiny_model
     kept = rows(out / "rounds" / "2" / "train.jsonl")
     assert kept == rows(out / "rounds" / "1" / "pairs.jsonl") + rows(out / "rounds" / "2" / "pairs.jsonl")
     run2 = out / "rounds" / "2" / "run"
-    import yaml
-
     saved = yaml.safe_load((run2 / "config.yaml").read_text())
     assert saved["ref_model"] == str(out / "rounds" / "1" / "run" / "final")
     assert json.loads((run2 / "summary.json").read_text())["data"]["train_examples"] == len(kept)
-    got, want = load_file(str(out / "final" / "model.safetensors")), load_file(str(run2 / "final" / "model.safetensors"))
+    got, want = (load_file(str(d / "final" / "model.safetensors")) for d in (out, run2))
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((out / "summary.json").read_text()) == summary and (out / "rounds.png").stat().st_size > 0
 
@@ -187,7 +186,8 @@ def test_stopped_while_judging_round_2_then_resume_judges_only_the_rest(tiny_mod
     root, prompts, whole_out = whole
     values = settings(tiny_model, prompts, root / "stopped", **SMALL)
     out = Path(values["output_dir"])
-    round_1 = len(rows(whole_out / "rounds/1/judgments.jsonl")) + 2 * len(rows(whole_out / "rounds/1/win_judgments.jsonl"))
+    round_1 = len(rows(whole_out / "rounds/1/judgments.jsonl")) + 2 * len(
+        rows(whole_out / "rounds/1/win_judgments.jsonl"))
     monkeypatch.setenv(CALLS, str(root / "stopped.calls"))
     monkeypatch.setenv(STOP, str(round_1 + 3))  # round 1: its answers, then its win rate (two scores a pair)
     with pytest.raises(KeyboardInterrupt):

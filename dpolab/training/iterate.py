@@ -216,8 +216,9 @@ def iterate(config: Config) -> dict:
     start = s.out / "rounds" / "0" / "round.json"
     if not start.is_file():  # the initial model, measured once: round 0
         model = load(s, s.initial)
-        report = task_report(model, model, s.tokenizer, s.task, config.task_prompts, config.task_samples, config.seed,
-                             config.task_max_new_tokens) if s.task is not None else {"kl": 0.0}
+        report = {"kl": 0.0} if s.task is None else task_report(
+            model, model, s.tokenizer, s.task, config.task_prompts, config.task_samples, config.seed,
+            config.task_max_new_tokens, progress=config.progress)
         write_json(start, {"round": 0, **report, "win_rate": 0.5, "policy": s.initial})
     rounds = [json.loads(start.read_text())]
     for n in range(1, config.rounds + 1):
@@ -238,8 +239,9 @@ def write_summary(s: Setup, rounds: list[dict], final: bool) -> dict:
     first, last = rounds[0], rounds[-1]
     summary = {"task": s.config.task, "judge": s.judge.identity, "rounds": rounds, "settings": s.config.to_dict()}
     if "task_reward" in first:
-        summary |= {"task_reward_before": first["task_reward"], "task_reward_greedy_before": first["task_reward_greedy"],
-                    "task_reward_after": last["task_reward"], "task_reward_greedy_after": last["task_reward_greedy"]}
+        summary |= {"task_reward_before": first["task_reward"],
+                    "task_reward_greedy_before": first["task_reward_greedy"], "task_reward_after": last["task_reward"],
+                    "task_reward_greedy_after": last["task_reward_greedy"]}
     summary |= {"kl": last["kl"], "win_rate": last["win_rate"]}
     if final:
         tmp, dest = s.out / ".final.tmp", s.out / "final"
