@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench-iterate"))
+    p.add_argument("--out", default="runs/bench-iterate", help="output folder (relative: to the repository root)")
     p.add_argument("--docs", action="store_true", help="copy rounds.png and summary.json into docs/")
     p.add_argument("flags", nargs="*", help="more dpolab iterate flags, after --")
     args = p.parse_args()
-    out = Path(args.out)
+    out = ROOT / args.out  # the command runs in ROOT with args.out as given, so summary.json's paths are relative
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "dpolab.cli", "iterate", "--output-dir", str(out), "--no-progress", *args.flags]
+    cmd = [sys.executable, "-m", "dpolab.cli", "iterate", "--output-dir", args.out, "--no-progress", *args.flags]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     wall = time.perf_counter() - t
