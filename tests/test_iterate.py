@@ -83,14 +83,15 @@ def test_judge_scores_by_hand():
 
 
 def test_online_rounds_with_all_pairs_round_references_and_kept_pairs(tiny_model, tmp_path, monkeypatch, capsys):
-    """One batch of 5 prompts a round (fewer pairs than a batch in some rounds): the batches are disjoint, the
-    pairs are every two answers whose judged scores differ (recounted from the samples), round 2 trains on
-    rounds 1 and 2's pairs against round 1's policy, and final/ is the last round's policy."""
+    """One batch of 5 prompts a round: the batches are disjoint, the pairs are every two answers whose judged
+    scores differ (recounted from the samples), round 2 trains on rounds 1 and 2's pairs (fewer than
+    --batch-size 64: one batch of them all) against round 1's policy, and final/ is the last round's policy."""
     monkeypatch.delenv(CALLS, raising=False)
     prompts = prompts_file(tmp_path)
     out = tmp_path / "online"
     summary = I.iterate(load_config(None, settings(tiny_model, prompts, out, prompts_per_round=5, pairs="all",
-                                                   ref_update="round", keep_pairs=True, progress=True),
+                                                   ref_update="round", keep_pairs=True, progress=True,
+                                                   batch_size=64),
                                     command="iterate"))
     err = capsys.readouterr().err
     assert "sampling 4 answers per prompt" in err and "judging answers" in err and "dpolab:" in err  # the bars
@@ -110,7 +111,7 @@ def test_online_rounds_with_all_pairs_round_references_and_kept_pairs(tiny_model
     assert kept == rows(out / "rounds" / "1" / "pairs.jsonl") + rows(out / "rounds" / "2" / "pairs.jsonl")
     run2 = out / "rounds" / "2" / "run"
     saved = yaml.safe_load((run2 / "config.yaml").read_text())
-    assert saved["ref_model"] == str(out / "rounds" / "1" / "run" / "final")
+    assert saved["ref_model"] == str(out / "rounds" / "1" / "run" / "final") and saved["batch_size"] == len(kept)
     assert json.loads((run2 / "summary.json").read_text())["data"]["train_examples"] == len(kept)
     got, want = (load_file(str(d / "final" / "model.safetensors")) for d in (out, run2))
     assert all(torch.equal(got[k], want[k]) for k in want)
