@@ -24,6 +24,7 @@ from dpolab.evaluation.inspect import format_report, inspect_data
 from dpolab.evaluation.pairs import make_pairs
 from dpolab.evaluation.task_eval import evaluate_task, format_table
 from dpolab.models.adapters import merge
+from dpolab.training.iterate import format_rounds, iterate
 from dpolab.training.loop import train
 from dpolab.training.sweep import format_frontier, sweep
 
@@ -115,6 +116,12 @@ def run_sweep(args: argparse.Namespace, values: dict) -> int:
     print(json.dumps(frontier) if args.json else format_frontier(frontier))
 
 
+def run_iterate(args: argparse.Namespace, values: dict) -> int:
+    summary = iterate(load_config(None, values, command="iterate"))
+    print(json.dumps(summary) if args.json else format_rounds(summary) + f"\nlast policy in {summary['final']}")
+    return 0
+
+
 def run_inspect(args: argparse.Namespace, values: dict) -> int:
     report = inspect_data(**values)
     print(json.dumps({k: v for k, v in report.items() if k != "lengths"}) if args.json else format_report(report))
@@ -123,7 +130,7 @@ def run_inspect(args: argparse.Namespace, values: dict) -> int:
 
 HANDLERS = {"train": run_train, "eval": run_eval, "make-pairs": run_make_pairs, "task-eval": run_task_eval,
             "score": run_score, "merge": run_merge, "compare": run_compare, "sweep": run_sweep,
-            "inspect": run_inspect}
+            "iterate": run_iterate, "inspect": run_inspect}
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import yaml
 
 from dpolab import recipes
 from dpolab.config import NOT_TRAINING, Config, _fields
-from dpolab.embedded import RECIPE
+from dpolab.embedded import ITERATE_RECIPE, RECIPE
 from dpolab.errors import ConfigError
 from dpolab.objective import OBJECTIVE_FIELDS
 
@@ -35,6 +35,10 @@ MODEL = ("model", "trust_remote_code", "allow_pickle_weights")
 RUNTIME = ("bf16", "logits_chunk", "layout", "row_tokens", "attn_implementation")
 DATA = ("data", "max_length", "max_prompt_length", "seed", "skip_invalid", "ignore_columns", "template_mismatch")
 SAMPLING = ("num_samples", "temperature", "seed", "max_new_tokens")
+# iterate makes each round's data, and trains full weights (a round's policy is the next one's model to sample)
+NOT_ITERATE = ("data", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_on_save", "load_in_4bit")
+ITERATE = ("rounds", "prompts", "prompts_per_round", "num_samples", "temperature", "max_new_tokens", "pairs",
+           "ref_update", "keep_pairs")
 
 COMMANDS = {
     "train": Command("train a policy (no arguments: the embedded default)",
@@ -64,6 +68,9 @@ COMMANDS = {
                      "as sigmoid+sft) from one reference pass, and write the reward-KL frontier",
                      tuple(f for f in _fields() if f not in NOT_TRAINING), json=True,
                      grid=("beta", "loss", "learning_rate")),
+    "iterate": Command("online and iterative DPO: rounds of sampling from the current policy, judging, pairing "
+                       "and training, with per-round metrics (no arguments: the embedded default)",
+                       (*ITERATE, *(f for f in _fields() if f not in (*NOT_TRAINING, *NOT_ITERATE))), json=True),
     "inspect": Command("a pre-flight audit of a dataset (duplicates, contradictions, identical pairs, truncation, "
                        "length bias, tokenisation; with --model the reference's log-probs) and advice on the loss, "
                        "β and learning rate", ("data", "model", "max_length", "max_prompt_length", "skip_invalid",
@@ -103,7 +110,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         values[key] = coerce(key, value, "argument")
         refuse_foreign(command, key, values[key], "argument")
     if command == "train" and values.get("model") is None and values.get("data") is None:
-        _add_embedded_recipe(values)
+        _add_embedded_recipe(values, RECIPE)
+    if command == "iterate" and values.get("model") is None:  # the bundled model: its recipes, iterate's first
+        _add_embedded_recipe(values, ITERATE_RECIPE, RECIPE)
     return Config(**values).validate()
 
 
@@ -128,11 +137,12 @@ def read_yaml(path: str) -> dict:
     return raw
 
 
-def _add_embedded_recipe(values: dict[str, Any]) -> None:
+def _add_embedded_recipe(values: dict[str, Any], *recipes: Path) -> None:
     """With no model and no data, the embedded default runs with its own recipe beneath the user's keys."""
-    if RECIPE.is_file():
-        for key, value in (yaml.safe_load(RECIPE.read_text()) or {}).items():
-            values.setdefault(key, coerce(key, value, str(RECIPE)))
+    for recipe in recipes:
+        if recipe.is_file():
+            for key, value in (yaml.safe_load(recipe.read_text()) or {}).items():
+                values.setdefault(key, coerce(key, value, str(recipe)))
 
 
 def _suggest(key: str, more: tuple[str, ...] = ()) -> str:

@@ -17,7 +17,8 @@ from dpolab.errors import ConfigError
 
 # Fields of the sampling, scoring and judging commands only; a training run takes every other field.
 NOT_TRAINING = ("prompts", "reward", "output", "num_prompts", "num_samples", "temperature", "max_new_tokens",
-                "prompt", "response", "adapter", "temperatures")
+                "prompt", "response", "adapter", "temperatures", "rounds", "prompts_per_round", "pairs", "ref_update",
+                "keep_pairs")
 
 
 def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -191,6 +192,17 @@ class Config:
     judge_timeout: float = opt(30.0, "Seconds an endpoint judge may take per request (each tried 3 times).")
     temperatures: list[float] | None = opt(None, "Comma-separated sampling temperatures of dpolab compare "
                                                  "(0: greedy). Unset: 0,1.")
+    # --- online and iterative DPO (dpolab iterate): dpolab.training.iterate
+    rounds: int = opt(3, "Rounds of sample → judge → pair → train → evaluate.")
+    prompts_per_round: int = opt(0, "Prompts sampled per round: 0, the whole prompt set every round (iterative "
+                                    "DPO); N, the next N of a seeded shuffle (online DPO: one batch a round).")
+    pairs: str = opt("best-worst", "Pairs per prompt: best-worst (a highest-scored answer against a lowest) or "
+                                   "all (every two answers whose scores differ, the score gap as margin).",
+                     choices=("best-worst", "all"))
+    ref_update: str = opt("round", "The reference of each round: round (the previous round's policy, as "
+                                   "iterative DPO does) or fixed (the initial model, or --ref-model).",
+                          choices=("round", "fixed"))
+    keep_pairs: bool = opt(False, "Train each round on the pairs of every round so far (off: this round's).")
     # --- the ecosystem: trackers, warm-up in steps (as TRL recipes give it), chat templates
     report_to: str = opt("tensorboard", "Comma-separated experiment trackers the metrics also go to, through "
                                         "Accelerate's tracking API: tensorboard, wandb, mlflow, or none "

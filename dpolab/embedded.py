@@ -8,3 +8,4 @@ MODEL = ROOT / "model"
 TRAIN = ROOT / "train.jsonl"
 EVAL = ROOT / "eval.jsonl"
 RECIPE = ROOT / "recipe.yaml"  # the training settings the embedded default runs with
+ITERATE_RECIPE = ROOT / "iterate.yaml"  # `dpolab iterate` with no arguments: these, over RECIPE

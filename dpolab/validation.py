@@ -68,6 +68,8 @@ def check_ranges(c) -> None:
     _need(c.temperatures is None or (c.temperatures and min(c.temperatures) >= 0),
           f"temperatures must be ≥ 0, got {c.temperatures}")
     _need(c.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {c.warmup_steps}")
+    _need(c.rounds >= 1, f"rounds must be ≥ 1, got {c.rounds}")
+    _need(c.prompts_per_round >= 0, f"prompts_per_round must be ≥ 0 (0: every prompt), got {c.prompts_per_round}")
     bad = [t for t in trackers(c.report_to) if t not in TRACKERS]
     _need(not bad, f"report_to: unknown tracker {', '.join(bad)}; known: {', '.join(TRACKERS)}, or none")
     check_alarms(c)

@@ -17,6 +17,7 @@ from pathlib import Path
 from dpolab.data.reading import iter_rows
 from dpolab.errors import ConfigError, DataError
 from dpolab.evaluation.generate import sample
+from dpolab.evaluation.judges import JudgmentCache, Pointwise, judge_pairs
 from dpolab.models.loading import load_model, load_tokenizer
 from dpolab.tasks import load_reward
 
@@ -40,6 +41,66 @@ def pair_rows(prompts, completions: list[list[str]], scores: list[list[float]], 
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": hi,
                      "score_rejected": lo})
     return rows
+
+
+def all_pair_rows(prompts, completions: list[list[str]], scores: list[list[float]]) -> list[dict]:
+    """Every two distinct answers of a prompt whose scores differ, the higher-scored one chosen, with the score
+    gap as ``margin`` (for margin-aware losses such as ``odpo``).
+
+    >>> rows = all_pair_rows(["q"], [["a", "b", "c", "a"]], [[2.0, 0.5, 1.0, 2.0]])
+    >>> [(r["chosen"], r["rejected"], r["margin"]) for r in rows]
+    [('a', 'b', 1.5), ('a', 'c', 1.0), ('c', 'b', 0.5)]
+    """
+    rows = []
+    for prompt, answers, s in zip(prompts, completions, scores):
+        unique = list(dict.fromkeys(zip(answers, s)))  # each distinct answer once, in order of first sampling
+        for i, (a, sa) in enumerate(unique):
+            for b, sb in unique[i + 1:]:
+                if sa == sb:
+                    continue
+                (c, sc), (r, sr) = ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
+                if isinstance(prompt, list):
+                    c, r = ({"role": "assistant", "content": x} for x in (c, r))
+                rows.append({"prompt": prompt, "chosen": c, "rejected": r, "score_chosen": sc, "score_rejected": sr,
+                             "margin": sc - sr})
+    return rows
+
+
+class _Score:
+    """A pointwise judge's score of one answer, through :func:`judge_pairs` and its cache (the second answer
+    is empty and unused)."""
+
+    def __init__(self, judge: Pointwise):
+        self.judge, self.identity = judge, f"{judge.identity}#score"
+
+    def __call__(self, prompt, answer: str, _: str) -> float:
+        return self.judge.value(prompt, answer)
+
+
+def judge_scores(judge, prompts, completions: list[list[str]], cache: JudgmentCache,
+                 progress: bool = True) -> list[list[float]]:
+    """A score for every answer, judged through ``cache``. A pointwise judge scores each distinct answer once;
+    a pairwise judge compares every two distinct answers of a prompt, and an answer's score is its mean
+    preference against the others (a Borda count: 1 beats all, 0 loses to all)."""
+    distinct = [list(dict.fromkeys(answers)) for answers in completions]
+    if isinstance(judge, Pointwise):
+        values = iter(judge_pairs(_Score(judge), [(p, a, "") for p, u in zip(prompts, distinct) for a in u], cache,
+                                  progress, desc="judging answers"))
+        by_answer = [{a: next(values) for a in u} for u in distinct]
+    else:
+        matches = [(p, u[i], u[j]) for p, u in zip(prompts, distinct)
+                   for i in range(len(u)) for j in range(i + 1, len(u))]
+        prefs = iter(judge_pairs(judge, matches, cache, progress, desc="judging pairs of answers"))
+        by_answer = []
+        for u in distinct:
+            wins = {a: 0.0 for a in u}
+            for i in range(len(u)):
+                for j in range(i + 1, len(u)):
+                    p = next(prefs)
+                    wins[u[i]] += p
+                    wins[u[j]] += 1 - p
+            by_answer.append({a: w / max(len(u) - 1, 1) for a, w in wins.items()})
+    return [[scores[a] for a in answers] for scores, answers in zip(by_answer, completions)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -54,3 +54,29 @@ def plot_metrics(metrics_file: Path, out_dir: Path, alarms: Sequence[dict] = ())
         fig.savefig(out_dir / name, pil_kwargs={"compress_level": 1})
         written.append(out_dir / name)
     return written
+
+
+def plot_rounds(rounds: list[dict], path: Path) -> None:
+    """``dpolab iterate``'s metrics over rounds (round 0: the initial model): task reward sampled and greedy and
+    the win rate against the initial model on the left axis, KL to the initial model on the right."""
+    from matplotlib.figure import Figure  # deferred: matplotlib is a heavy import
+
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    fig.subplots_adjust(left=0.11, right=0.88, top=0.91, bottom=0.14)
+    ax = fig.add_subplot()
+    xs = [r["round"] for r in rounds]
+    for key, label, style in (("task_reward", "task reward, sampled (T = 1)", "o-"),
+                              ("task_reward_greedy", "task reward, greedy", "^-"),
+                              ("win_rate", "win rate vs initial (T = 1)", "s--")):
+        if all(key in r for r in rounds):
+            ax.plot(xs, [r[key] for r in rounds], style, label=label, markersize=4, linewidth=1.4)
+    kl = ax.twinx()
+    kl.plot(xs, [r["kl"] for r in rounds], "k:", marker="x", label="KL to initial (right)", linewidth=1.2)
+    kl.set_ylabel("KL(π ‖ π_initial), nats")
+    ax.set(xlabel="round", ylabel="held-out", title="Online / iterative DPO, per round")
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    lines = ax.get_legend_handles_labels()[0] + kl.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], fontsize=8, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, pil_kwargs={"compress_level": 1})

@@ -7,6 +7,7 @@ training rows are the ones the checkpoint was trained on. What a checkpoint hold
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from dpolab.errors import ConfigError
+from dpolab.losses import LOSSES
 from dpolab.training.checkpoint import list_checkpoints, read_state
 
 if TYPE_CHECKING:  # annotations only
@@ -85,3 +87,18 @@ def check_same_data(checkpoints: list[Path], digest: str) -> None:
     if checkpoints and read_state(checkpoints[-1]).get("extra", {}).get("data_digest", digest) != digest:
         raise ConfigError(f"cannot resume from {checkpoints[-1]}: the training rows differ from the ones it was "
                           "trained on (same settings, but the data file's content or the rows kept changed)")
+
+
+def continue_run(config: Config, out: Path) -> tuple[dict | None, Config]:
+    """How a command of several runs (sweep, iterate) takes up the run directory ``out``: ``(summary, config)``
+    with the summary of a finished run (kept, not retrained), else ``(None, the config to train)``, which
+    resumes a stopped run from its newest checkpoint or trains afresh where there is none (``overwrite``:
+    always afresh). Reference log-probs are precomputed where a frozen reference would be used, so every run
+    of the command shares one content-keyed cache (``ref_cache_dir``)."""
+    summary_file = out / "summary.json"
+    if summary_file.is_file() and not config.overwrite:
+        return json.loads(summary_file.read_text()), config
+    uses_ref = any(LOSSES[n].needs_ref for n in config.loss_names) and not config.reference_free
+    stopped = not config.overwrite and bool(list_checkpoints(out / "checkpoints"))
+    return None, dataclasses.replace(config, output_dir=str(out), resume=stopped, overwrite=not stopped,
+                                     precompute_ref=config.precompute_ref or (uses_ref and not config.sync_ref_model))

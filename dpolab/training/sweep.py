@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 from pathlib import Path
 
@@ -27,8 +26,7 @@ from tqdm.auto import tqdm
 
 from dpolab.config import Config
 from dpolab.evaluation.compare import write_json
-from dpolab.losses import LOSSES
-from dpolab.training import loop
+from dpolab.training import loop, resume
 
 log = logging.getLogger("dpolab")
 POINT_KEYS = ("task_reward", "task_reward_greedy", "kl", "reward_accuracy", "win_rate")
@@ -48,14 +46,8 @@ def grid_configs(base: Config, grid: dict[str, list]) -> list[tuple[str, Config]
 
 def run_config(config: Config, out: Path) -> dict:
     """Train one configuration in ``out`` (kept if finished, resumed if stopped), sharing ``ref_cache``."""
-    summary_file = out / "summary.json"
-    if summary_file.is_file() and not config.overwrite:
-        return json.loads(summary_file.read_text())
-    uses_ref = any(LOSSES[n].needs_ref for n in config.loss_names) and not config.reference_free
-    stopped = not config.overwrite and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
-    config = dataclasses.replace(config, output_dir=str(out), resume=stopped, overwrite=not stopped,
-                                 precompute_ref=config.precompute_ref or (uses_ref and not config.sync_ref_model))
-    return loop.train(config.validate())
+    summary, config = resume.continue_run(config, out)
+    return summary if summary is not None else loop.train(config.validate())
 
 
 def point(config: Config, summary: dict) -> dict:
