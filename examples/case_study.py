@@ -3,8 +3,8 @@
 1. On-policy pairs: ``make-pairs`` samples answers to the training prompts from the model itself and pairs
    a right answer (the task's judge gives 1) with a wrong one.
 2. Held-out pairs, for the reward accuracy: on the held-out prompts, the right answer against a wrong one.
-3. ``dpolab.train`` (DPO by default, full fine-tuning) on the pairs, with the task report: the task reward (sampled at
-   temperature 1, and greedy) and KL on the held-out prompts, before and after.
+3. ``dpolab.train`` (DPO by default, full fine-tuning) on the pairs, with the task report: the task reward
+   (sampled at temperature 1, and greedy) and KL on the held-out prompts, before and after.
 4. A few held-out answers, greedy, before and after.
 
 Each stage's output is kept under ``--out`` and reused when the script runs again (delete it to start over).

@@ -5,8 +5,9 @@ word: positive or negative." answers in a sentence ("The review is positive, but
 sampled at temperature 1 and 0 of 16 greedy ones were the bare label (16 reviews). Shown two solved
 examples first, as previous turns (a positive review → "Positive", a negative one → "Negative"), it answers
 in one word often, but not reliably, and leans to "Positive": on 16 reviews, 36 % of sampled answers and
-50 % of greedy ones were right (the greedy answer was "Positive" for all 16). That is the behaviour DPO
-on its own samples can fix: the format, and naming the label the review's words carry.
+50 % of greedy ones were right, and its greedy answer to each of the 40 held-out reviews is "Positive".
+That is the behaviour DPO on its own samples can fix: the format, and naming the label the review's words
+carry.
 
 The judge is a program: the answer, stripped of punctuation and case, must be exactly the label
 (``"Negative."`` passes; ``"Positive negative"``, ``"The review is negative."`` and ``"Bad"`` do not).
