@@ -45,8 +45,11 @@ test-fast: $(DEV_STAMP)
 clean:
 	rm -rf $(VENV) runs
 
-# Speed and memory against TRL 1.16, MFU, scaling (~15 minutes; results in bench/results/, see docs/performance.md).
-bench: $(DEV_STAMP)
+# Speed and memory against TRL 1.16, MFU, scaling on the tiny models (~15 minutes), then the same on the real
+# model, SmolLM2-135M-Instruct (hours: bench/real_model.py --help for a quick look); results in bench/results/,
+# see docs/performance.md.
+bench: $(DEV_STAMP) real-model
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/vs_trl.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/flops.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/scaling.py
+	DPOLAB_REAL_MODEL=$(SMOLLM2) HF_HUB_OFFLINE=1 $(BIN)/python bench/real_model.py
