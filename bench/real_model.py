@@ -21,18 +21,16 @@ Writes bench/results/real_model.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flops  # noqa: E402
 import harness as H  # noqa: E402
-from vs_trl import load_average, machine, median_rows  # noqa: E402
+from vs_trl import load_average, measured, median_rows  # noqa: E402
 
 CACHE = Path(os.environ.get("DPOLAB_REAL_MODEL", Path.home() / ".cache" / "dpolab" / "smollm2-135m-instruct"))
 SHAPES = {"long-prompt": dict(prompt=(230, 270), answer=(32, 50)),
@@ -93,7 +91,7 @@ def prepare(shape: str, pairs: int, seed: int = 42, model: Path = CACHE / "model
         H.write_jsonl(out / "data.jsonl", rows)
         H.write_jsonl(out / "trl.jsonl", [rows[i] for i in H.epoch_order(pairs, SETTINGS["batch_size"], seed)])
     return dict(name=shape, model=str(model), data=str(out / "data.jsonl"), trl_data=str(out / "trl.jsonl"),
-                pairs=pairs, seed=seed, repeats=0, **SETTINGS)
+                pairs=pairs, seed=seed, **SETTINGS)
 
 
 def token_counts(ds: dict) -> dict:
@@ -174,20 +172,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    path = H.RESULTS / "real_model.json"
-    if args.report_only:
-        saved = json.loads(path.read_text())
-    else:
-        print(f"machine: {machine(args.threads)}\nload average at start: {load_average()}", flush=True)
-        start = time.perf_counter()
-        saved = run_all(args.shape or list(SHAPES), args.configs or list(CONFIGS), args.repeats, args.pairs,
-                        args.threads)
-        saved |= {"machine": machine(args.threads), "threads": args.threads,
-                  "minutes": (time.perf_counter() - start) / 60, "peak_flops": flops.matmul_peak(args.threads)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(saved, indent=1))
-    print(f"\nmachine: {saved['machine']}; fp32 matmul peak {saved['peak_flops'] / 1e9:.1f} GFLOP/s; "
-          f"{saved['minutes']:.1f} minutes")
+    saved = measured(H.RESULTS / "real_model.json", args.report_only, args.threads, lambda: run_all(
+        args.shape or list(SHAPES), args.configs or list(CONFIGS), args.repeats, args.pairs, args.threads))
     missed = report(saved)
     print("\nall targets met" if not missed else "\nmissed: " + "; ".join(missed))
 

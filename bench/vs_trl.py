@@ -147,6 +147,24 @@ def report(saved: dict, threads: int, peak: float) -> list[str]:
     return missed
 
 
+def measured(path: Path, report_only: bool, threads: int, run) -> dict:
+    """The saved results of ``path`` (``report_only``), or ``run()``'s with the machine, the time taken, the
+    load and the fp32 matmul peak added, saved to ``path``; the machine line printed either way."""
+    if report_only:
+        saved = json.loads(path.read_text())
+    else:
+        print(f"machine: {machine(threads)}\nload average at start: {load_average()}", flush=True)
+        start = time.perf_counter()
+        saved = run() | {"machine": machine(threads), "threads": threads,
+                         "minutes": (time.perf_counter() - start) / 60, "load_end": load_average(),
+                         "peak_flops": flops.matmul_peak(threads)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved, indent=1))
+    print(f"\nmachine: {saved['machine']}; fp32 matmul peak {saved['peak_flops'] / 1e9:.1f} GFLOP/s; "
+          f"{saved['minutes']:.1f} minutes; load average at the end: {saved.get('load_end', '?')}")
+    return saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=list(H.DATASETS), action="append", help="default: both")
@@ -156,20 +174,8 @@ def main() -> None:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--report-only", action="store_true", help="print the tables of the saved results")
     args = parser.parse_args()
-    path = H.RESULTS / "vs_trl.json"
-    if args.report_only:
-        saved = json.loads(path.read_text())
-    else:
-        print(f"machine: {machine(args.threads)}\nload average at start: {load_average()}", flush=True)
-        start = time.perf_counter()
-        saved = run_all(args.dataset or list(H.DATASETS), args.repeats, args.ablation, args.threads, args.pairs)
-        saved |= {"machine": machine(args.threads), "threads": args.threads,
-                  "minutes": (time.perf_counter() - start) / 60, "load_end": load_average(),
-                  "peak_flops": flops.matmul_peak(args.threads)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(saved, indent=1))
-    print(f"\nmachine: {saved['machine']}; fp32 matmul peak {saved['peak_flops'] / 1e9:.1f} GFLOP/s; "
-          f"{saved['minutes']:.1f} minutes; load average at the end: {saved['load_end']}")
+    saved = measured(H.RESULTS / "vs_trl.json", args.report_only, args.threads, lambda: run_all(
+        args.dataset or list(H.DATASETS), args.repeats, args.ablation, args.threads, args.pairs))
     missed = report(saved, saved["threads"], saved["peak_flops"])
     print("\nall targets met" if not missed else "\nmissed: " + "; ".join(missed))
 
