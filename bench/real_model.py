@@ -3,7 +3,7 @@
 LM head dominate, not the tiny models of bench/vs_trl.py.
 
     python bench/real_model.py                                  # both shapes, 3 repeats (long: hours)
-    python bench/real_model.py --shape long-prompt --repeats 1 --pairs 16 --configs main   # a quick look
+    python bench/real_model.py --shape long-prompt --repeats 1 --pairs 24 --configs main   # a quick look
 
 Two shapes of chat data (a system prompt and a user turn; each answer one assistant turn, ChatML as the
 model's template renders it), built from the model's own vocabulary, seeded:
@@ -11,11 +11,12 @@ model's template renders it), built from the model's own vocabulary, seeded:
 - ``long-answer``: prompts of ~100 tokens, answers of ~250: the completions dominate.
 
 Configurations: TRL with its defaults (a reference model) and with ``precompute_ref_log_probs``; dpolab with
-its defaults, ``--precompute-ref`` and LoRA (r = 16); and both frameworks with gradient checkpointing (the
-memory–time trade-off). Every run is a fresh process (bench/harness.py: same examples, same order, same
+its defaults, ``--precompute-ref``, LoRA (r = 16) and ``--bf16`` (skipped on a CPU without native bfloat16
+arithmetic); and the memory–time trade-off: both frameworks with gradient checkpointing, dpolab with autograd
+keeping every activation (``--no-lean-backward``). Every run is a fresh process (bench/harness.py: same examples, same order, same
 token ids, checked), runs are interleaved across repeats, and the tables give medians. Model FLOP
 utilisation is against the fp32 matmul peak measured in the same run (bench/flops.py counts the FLOPs).
-Writes bench/results/real_model.json.
+Writes bench/results/real_model.json (``--results``). pairs/s is the steady rate after the first two steps.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ CONFIGS = {
              (TRL, "trl", {}), (TRL_PRE, "trl", {"precompute_ref_log_probs": True})],
     "lora": [("dpolab --lora-r 16", "dpolab", {"lora_r": 16, "lora_alpha": 32}),
              ("TRL + peft LoRA r 16", "trl", {"lora_r": 16})],
-    "memory": [("dpolab --gradient-checkpointing", "dpolab", {"gradient_checkpointing": True}),
+    "memory": [("dpolab --no-lean-backward", "dpolab", {"lean_backward": False}),
+               ("dpolab --gradient-checkpointing", "dpolab", {"gradient_checkpointing": True}),
                ("TRL gradient_checkpointing=True", "trl", {"gradient_checkpointing": True})],
     "bf16": [("dpolab --bf16", "dpolab", {"bf16": True})],
 }
@@ -107,10 +109,16 @@ def token_counts(ds: dict) -> dict:
 
 
 def run_all(shapes: list[str], groups: list[str], repeats: int, pairs: int, threads: int) -> dict:
+    from dpolab.builder import cpu_lacks_bf16
+
     datasets = {s: prepare(s, pairs) for s in shapes}
     for ds in datasets.values():
         ds["dpolab_tokens"] = H.dpolab_tokens(ds, ds["trl_data"])
         ds["tokens"] = token_counts(ds)
+    if "bf16" in groups and cpu_lacks_bf16():
+        print("skipping --bf16: this CPU has no native bfloat16 arithmetic, and its bf16 matmuls run 40-300x "
+              "slower than fp32 (docs/performance.md)")
+        groups = [g for g in groups if g != "bf16"]
     configs = [c for g in groups for c in CONFIGS[g]]
     runs = []
     for r in range(repeats):
@@ -171,8 +179,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=48, help="a multiple of the batch size (8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--results", default=str(H.RESULTS / "real_model.json"), help="where results are saved")
     args = parser.parse_args()
-    saved = measured(H.RESULTS / "real_model.json", args.report_only, args.threads, lambda: run_all(
+    saved = measured(Path(args.results), args.report_only, args.threads, lambda: run_all(
         args.shape or list(SHAPES), args.configs or list(CONFIGS), args.repeats, args.pairs, args.threads))
     missed = report(saved)
     print("\nall targets met" if not missed else "\nmissed: " + "; ".join(missed))

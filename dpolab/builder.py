@@ -87,11 +87,26 @@ def make_accelerator(config: Config, with_trackers: bool = False):
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not has_accelerator,
                               log_with=make_trackers(config) if with_trackers else None)
+    if config.bf16 and accelerator.device.type == "cpu" and cpu_lacks_bf16():
+        log.warning("--bf16 on this CPU: it has no native bfloat16 arithmetic (no avx512_bf16, amx_bf16 or Arm bf16 "
+                    "in /proc/cpuinfo), so PyTorch runs bf16 matmuls on a slow path, 40-300x slower than fp32 on "
+                    "such a CPU (docs/performance.md); drop --bf16 to train in fp32")
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed is not None:  # there is no DataLoader to infer it from (untested here: no DeepSpeed)
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
             1, config.batch_size // (accelerator.num_processes * config.grad_accum))
     return accelerator
+
+
+def cpu_lacks_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True where ``cpuinfo`` lists a CPU's features and none of them is native bfloat16 arithmetic (x86's
+    avx512_bf16 or amx_bf16, Arm's bf16); False where it has one or there is no such file (not Linux)."""
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return False
+    features = {w for line in lines if line.startswith(("flags", "Features")) for w in line.split(":", 1)[-1].split()}
+    return bool(features) and not features & {"avx512_bf16", "amx_bf16", "bf16"}
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # tracker → import name

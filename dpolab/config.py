@@ -106,7 +106,11 @@ class Config:
                                        "keep it off the accelerator. Unset: the policy's device.")
     bf16: bool = opt(False, "bfloat16 autocast for forward and backward (weights and optimizer stay fp32).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    logits_chunk: int = opt(1024, "Completion tokens per chunk when turning hidden states into log-probs.")
+    lean_backward: bool = opt(True, "Keep fewer activations for backward in Llama-form SwiGLU MLPs and RMSNorms "
+                                    "(dpolab.models.lean: the same forward bit for bit, the product silu(gate)·up "
+                                    "and the normalised input recomputed in backward); off: autograd keeps all.")
+    logits_chunk: int = opt(256, "Completion tokens per chunk when turning hidden states into log-probs (a "
+                                 "chunk's logits: chunk × vocabulary fp32 values, recomputed in backward).")
     layout: str = opt(DEFAULT_LAYOUT, "How examples become model rows; all give the same log-probs. packed: "
                                       "examples side by side in shared rows, each prompt processed once for all "
                                       "its completions, no padding inside rows (fastest); prefix: one row per "

@@ -230,11 +230,13 @@ def test_a_resume_with_other_settings_is_refused_but_more_rounds_continue(tiny_m
 def test_no_arguments_runs_the_settings_the_benchmark_measured():
     """`dpolab iterate` with no arguments is the embedded default whose three rounds docs/iterate.json records
     (bench/iterate_time.py --docs), and those rounds reached the targets: held-out sampled task reward ≥ 0.80 and
-    greedy ≥ 0.92 in under 15 minutes."""
+    greedy ≥ 0.92 in under 15 minutes. Settings of memory alone, added or changed since, are not compared:
+    the LM head's chunk and the lean backward change no log-prob (tests/test_logps.py, tests/test_lean.py)."""
     measured = json.loads((ROOT / "docs" / "iterate.json").read_text())
     now = load_config(None, {}, command="iterate").to_dict()
-    assert {k: v for k, v in now.items() if k not in I.MAY_CHANGE} == {
-        k: v for k, v in measured["settings"].items() if k not in I.MAY_CHANGE}
+    skip = I.MAY_CHANGE | {"logits_chunk", "lean_backward"}
+    assert {k: v for k, v in now.items() if k not in skip} == {
+        k: v for k, v in measured["settings"].items() if k not in skip}
     assert now["model"] is None and now["task"] == "addition" and now["rounds"] == len(measured["rounds"]) - 1 == 3
     assert measured["task_reward_after"] >= 0.80 and measured["task_reward_greedy_after"] >= 0.92
     assert measured["wall_seconds"] < 900

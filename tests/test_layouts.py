@@ -24,7 +24,7 @@ from dpolab.data.records import Example, Record
 from dpolab.data.tokenization import add_mismatched_completions, tokenize_records
 from dpolab.errors import ConfigError
 from dpolab.evaluation.metrics import read_metrics
-from dpolab.models.logps import SequenceLogps, additive_mask, bool_mask, flex_block_mask
+from dpolab.models.logps import SequenceLogps, additive_mask, flex_block_mask, sdpa_mask
 from dpolab.objective import build_objective
 
 from .conftest import WORDS
@@ -247,10 +247,14 @@ def test_a_segment_sees_only_its_prompt_and_its_own_branch():
 
 
 def test_the_mask_forms_say_the_same_thing(tokenizer):
-    """SDPA's bool, eager's additive and FlexAttention's mask_mod are one rule; padding sees itself, so no
-    query row is fully masked."""
+    """SDPA's −inf-additive, eager's finite additive and FlexAttention's mask_mod are one rule; padding sees
+    itself, so no query row is fully masked. SDPA's mask is in the dtype attention computes in."""
     b = collate_packed(examples_of("ranked", tokenizer), 0, row_tokens=30)
-    seen = bool_mask(b.segment_ids, b.branch_ids, torch.float32)  # (N, 1, T, T)
+    sdpa = sdpa_mask(b.segment_ids, b.branch_ids, torch.float32)
+    seen = sdpa == 0  # (N, 1, T, T)
+    assert sdpa.dtype == torch.float32 and (sdpa[~seen] == float("-inf")).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sdpa_mask(b.segment_ids, b.branch_ids, torch.float32).dtype == torch.bfloat16
     assert seen.shape == (b.input_ids.shape[0], 1, b.input_ids.shape[1], b.input_ids.shape[1])
     assert seen.any(-1).all()
     add = additive_mask(b.segment_ids, b.branch_ids, torch.bfloat16)

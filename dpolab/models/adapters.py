@@ -105,7 +105,7 @@ class AdapterReference:
     """The policy model itself as the reference: adapters off (a new LoRA) or the frozen starting adapter
     (training an existing one); eval mode and ``no_grad``, then the policy's state is restored."""
 
-    def __init__(self, model, chunk: int = 1024, autocast=nullcontext, ld_alpha: float | None = None):
+    def __init__(self, model, chunk: int = 256, autocast=nullcontext, ld_alpha: float | None = None):
         self.model = model
         self.logps = SequenceLogps(model, chunk, ld_alpha)  # LD-DPO weights the reference's tokens as the policy's
         self.autocast = autocast

@@ -57,7 +57,7 @@ def choose_reference(needs_ref: bool, reference_free: bool, ref_model: str | Non
 class ModelReference:
     """A frozen model in eval mode, run under ``no_grad``, on ``device`` (default: where the batch is)."""
 
-    def __init__(self, model: torch.nn.Module, chunk: int = 1024, autocast=nullcontext, device=None,
+    def __init__(self, model: torch.nn.Module, chunk: int = 256, autocast=nullcontext, device=None,
                  ld_alpha: float | None = None):
         model.eval().requires_grad_(False)
         self.logps = SequenceLogps(model, chunk, ld_alpha)

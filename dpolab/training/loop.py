@@ -29,7 +29,7 @@ from dpolab.evaluation.metrics import evaluate_examples
 from dpolab.evaluation.judges import JudgmentCache, Settings, load_judge
 from dpolab.evaluation.task_eval import before_after, task_report
 from dpolab.losses import tr_dpo_update_
-from dpolab.models import adapters
+from dpolab.models import adapters, lean
 from dpolab.models.loading import load_model, load_tokenizer
 from dpolab.models.logps import SequenceLogps
 from dpolab.models.reference import FROZEN_COPY
@@ -129,6 +129,8 @@ def build_models(run: Run) -> None:
     model = adapters.load_policy(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                  config.lora_target_modules, config.trust_remote_code, config.allow_pickle_weights,
                                  config.load_in_4bit, config.attn_implementation)
+    if config.lean_backward:  # a frozen copy made from it has the same forward; without grad nothing is saved
+        lean.make_lean(model)
     run.train_ref, run.eval_ref = builder.build_reference(config, run.reference_kind, model, run.train_examples,
                                                           run.eval_examples, accelerator, run.collate)
     if config.gradient_checkpointing:
