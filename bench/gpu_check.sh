@@ -10,7 +10,7 @@
 # dpolab's own transformers, TRL 1.16 and datasets. Then:
 # 1. the layout-equivalence tests on CUDA (tests/test_layouts.py with DPOLAB_TEST_DEVICE=cuda): every
 #    layout against each sequence run alone, losses and gradients, under SDPA, eager and FlexAttention (its
-#    BlockMask) in fp32, and the same under bf16 autocast;
+#    BlockMask) in fp32, and the same under bf16 autocast; and tests/test_lean.py (the lean backward) on CUDA;
 # 2. bench/gpu_bench.py: dpolab against TRL in bf16 on SmolLM2's shape and on a 0.5B Llama at 1k-token pairs
 #    (tokens/s, MFU against the bf16 matmul peak, peak GPU memory), and FlexAttention's compiles per row length.
 # Results: $OUT (the device tool's folder) or bench/results: gpu.json, tests.log, bench.log.
@@ -46,6 +46,9 @@ python3 -c "import torch, transformers, trl; print('torch', torch.__version__, '
 echo "== layout equivalence on CUDA (sdpa, eager, flex_attention; fp32 and bf16 autocast)"
 DPOLAB_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_layouts.py \
     -k "log_prob_alone or same_loss or bf16 or flex_bucket or mask_forms" 2>&1 | tee "$RESULTS/tests.log" | tail -25
+echo "== the lean backward against autograd on CUDA (fp32 and bf16 autocast)"
+DPOLAB_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lean.py 2>&1 \
+    | tee -a "$RESULTS/tests.log" | tail -5
 
 echo "== dpolab against TRL in bf16, and FlexAttention's compiles"
 timeout 420 python3 bench/gpu_bench.py --tokenizer .gpu/smollm2 --out "$RESULTS" 2>&1 | tee "$RESULTS/bench.log"

@@ -263,7 +263,7 @@ def peak_cuda_mb() -> float | None:
 
 def report(spec: dict, wall: float, marks: list[float], losses: list[float], batch_size: int, **extra) -> dict:
     n = len(marks)
-    w = max(2, n // 10) if n > 3 else 0
+    w = max(2, n // 10) if n >= 3 else 0  # three steps: the third alone
     steady = batch_size * (n - w) / (marks[-1] - marks[w - 1]) if n > w and w > 0 else float("nan")
     return dict(label=spec["label"], framework=spec["framework"], dataset=spec["dataset"]["name"], wall_s=wall,
                 steps=n, warmup_steps=w, pairs_per_s=steady, step_s=batch_size / steady, losses=losses,

@@ -13,8 +13,9 @@ model's template renders it), built from the model's own vocabulary, seeded:
 Configurations: TRL with its defaults (a reference model) and with ``precompute_ref_log_probs``; dpolab with
 its defaults, ``--precompute-ref``, LoRA (r = 16) and ``--bf16`` (skipped on a CPU without native bfloat16
 arithmetic); and the memory–time trade-off: both frameworks with gradient checkpointing, dpolab with autograd
-keeping every activation (``--no-lean-backward``). Every run is a fresh process (bench/harness.py: same examples, same order, same
-token ids, checked), runs are interleaved across repeats, and the tables give medians. Model FLOP
+keeping every activation (``--no-lean-backward``). Every run is a fresh process (bench/harness.py: same
+examples, same order, same token ids, checked), runs are interleaved across repeats, and the tables give
+medians. Model FLOP
 utilisation is against the fp32 matmul peak measured in the same run (bench/flops.py counts the FLOPs).
 Writes bench/results/real_model.json (``--results``). pairs/s is the steady rate after the first two steps.
 """
@@ -161,6 +162,9 @@ def report(saved: dict) -> list[str]:
                 verdict = "met" if value >= need else "MISSED"
                 print(f"target {ours} ≥ {need}× {theirs} in pairs/s: {verdict} ({value:.2f}×)")
                 missed += [] if value >= need else [f"{shape}: {ours} vs {theirs}"]
+        if DPOLAB_PRE in rows and TRL_PRE in rows:  # the same reference strategy on both sides
+            like = rows[DPOLAB_PRE]["pairs_per_s"] / rows[TRL_PRE]["pairs_per_s"]
+            print(f"like for like: {DPOLAB_PRE} is {like:.2f}× {TRL_PRE} in pairs/s")
         if shape in MEMORY_TARGET and DPOLAB in rows and TRL in rows:
             value = rows[DPOLAB]["peak_rss_mb"] / rows[TRL]["peak_rss_mb"]
             verdict = "met" if value <= MEMORY_TARGET[shape] else "MISSED"

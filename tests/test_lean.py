@@ -1,13 +1,17 @@
 """The lean backward of dpolab.models.lean against autograd on the model's own modules: the same forward bit
-for bit, the same gradients, and fewer saved activations."""
+for bit, the same gradients, and fewer saved activations. bench/gpu_check.sh runs it with
+DPOLAB_TEST_DEVICE=cuda (bf16 autocast on the GPU)."""
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
 
 from dpolab.models.lean import RMSNormFn, SiluMul, SwiGLUDown, make_lean
+
+DEVICE = torch.device(os.environ.get("DPOLAB_TEST_DEVICE", "cpu"))
 
 
 def llama(mlp_bias: bool = False, seed: int = 0):
@@ -16,7 +20,7 @@ def llama(mlp_bias: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, mlp_bias=mlp_bias)
-    model = LlamaForCausalLM(config).train()
+    model = LlamaForCausalLM(config).to(DEVICE).train()
     with torch.no_grad():  # norms at 1 and biases at 0 would hide their gradients' mistakes
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -26,7 +30,7 @@ def llama(mlp_bias: bool = False, seed: int = 0):
 
 def loss_and_grads(model, ids, autocast: bool = False):
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(input_ids=ids).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
     loss.backward()
@@ -49,7 +53,7 @@ def saved_bytes(model, ids) -> int:
     return sum(seen.values())
 
 
-IDS = torch.randint(0, 101, (3, 17), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, 101, (3, 17), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
 
 @pytest.mark.parametrize("mlp_bias", [False, True])

@@ -9,7 +9,8 @@ Layouts that put several sequences in a row (:mod:`dpolab.data.batch`) describe 
 branch ids; :data:`ATTENTION_MASKS` turns them into the mask form the model's attention implementation
 takes. Transformers passes a 4D mask to the attention function untouched, so the form matters: SDPA takes a
 bool mask (True = attend) or a float one that it adds to the scores (the form given it here), eager *adds* the
-mask to the scores (a bool mask there would silently attend everywhere), FlexAttention takes a ``BlockMask`` and skips the blocks it masks out.
+mask to the scores (a bool mask there would silently attend everywhere), FlexAttention takes a ``BlockMask``
+and skips the blocks it masks out.
 """
 
 from __future__ import annotations
