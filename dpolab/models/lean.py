@@ -32,6 +32,11 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.reshape(-1, like.shape[-1]).sum(0).to(like.dtype)
 
 
+def silu_mul_grads(grad: Tensor, gate: Tensor, up: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of silu(gate) · up for gate and up, given silu(gate) = ``s``, as autograd chains them."""
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * s
+
+
 class SiluMul(torch.autograd.Function):
     """silu(gate) · up, keeping gate and up (not silu(gate) as well)."""
 
@@ -43,7 +48,7 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+        return silu_mul_grads(grad, gate, up, F.silu(gate))
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -68,7 +73,7 @@ class SwiGLUDown(torch.autograd.Function):
         grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(h.reshape(-1, h.shape[-1])).to(weight.dtype) \
             if ctx.needs_input_grad[2] else None
         grad_b = _reduce_to(grad, bias) if bias is not None and ctx.needs_input_grad[3] else None
-        return torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * s, grad_w, grad_b
+        return (*silu_mul_grads(grad_h, gate, up, s), grad_w, grad_b)
 
 
 class RMSNormFn(torch.autograd.Function):
