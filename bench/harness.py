@@ -288,7 +288,7 @@ def others_busy(seconds: float = 1.0) -> float:
 
 
 def run_once(spec: dict, log_dir: Path | None) -> dict:
-    env = os.environ | ENV
+    env = os.environ | ENV | spec.get("env", {})  # e.g. LD_PRELOAD: another allocator
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
     busy, ours = cpu_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -12,17 +12,19 @@ model's template renders it), built from the model's own vocabulary, seeded:
 
 Configurations: TRL with its defaults (a reference model) and with ``precompute_ref_log_probs``; dpolab with
 its defaults, ``--precompute-ref``, LoRA (r = 16) and ``--bf16`` (skipped on a CPU without native bfloat16
-arithmetic); and the memory–time trade-off: both frameworks with gradient checkpointing, dpolab with autograd
-keeping every activation (``--no-lean-backward``). Every run is a fresh process (bench/harness.py: same
-examples, same order, same token ids, checked), runs are interleaved across repeats, and the tables give
-medians. Model FLOP
-utilisation is against the fp32 matmul peak measured in the same run (bench/flops.py counts the FLOPs).
-Writes bench/results/real_model.json (``--results``). pairs/s is the steady rate after the first two steps.
+arithmetic); the memory–time trade-off: both frameworks with gradient checkpointing, dpolab with autograd
+keeping every activation (``--no-lean-backward``); and the allocator: dpolab, its LoRA and TRL with tcmalloc
+preloaded instead of glibc's malloc (skipped where no tcmalloc is installed). Every run is a fresh process
+(bench/harness.py: same examples, same order, same token ids, checked), runs are interleaved across repeats,
+and the tables give medians. Model FLOP utilisation is against the fp32 matmul peak measured in the same run
+(bench/flops.py counts the FLOPs). Writes bench/results/real_model.json (``--results``). pairs/s is the
+steady rate after the first two steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import os
 import random
 import statistics
@@ -51,10 +53,19 @@ CONFIGS = {
                ("dpolab --gradient-checkpointing", "dpolab", {"gradient_checkpointing": True}),
                ("TRL gradient_checkpointing=True", "trl", {"gradient_checkpointing": True})],
     "bf16": [("dpolab --bf16", "dpolab", {"bf16": True})],
+    # glibc's malloc keeps the pages of freed activations (peak RSS above what is live); tcmalloc reuses them
+    "allocator": [(DPOLAB, "dpolab", {}), ("dpolab, tcmalloc", "dpolab", {"env": "tcmalloc"}),
+                  ("dpolab --lora-r 16", "dpolab", {"lora_r": 16, "lora_alpha": 32}),
+                  ("dpolab --lora-r 16, tcmalloc", "dpolab", {"lora_r": 16, "lora_alpha": 32, "env": "tcmalloc"}),
+                  (TRL, "trl", {}), ("TRL (defaults), tcmalloc", "trl", {"env": "tcmalloc"})],
 }
-# (what, ours, theirs, the target ratio of pairs/s by shape) from issue 19
-SPEED_TARGETS = {"long-prompt": [(DPOLAB, TRL, 2.7), (DPOLAB, TRL_PRE, 2.0)],
-                 "long-answer": [(DPOLAB, TRL, 1.3), (DPOLAB, TRL_PRE, 1.2)]}
+# the allocator rows preload it (Debian/Ubuntu: apt install libtcmalloc-minimal4); None skips them
+TCMALLOC = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+# (what, ours, theirs, the target ratio of pairs/s by shape) from issue 19: configuration against configuration,
+# each reference strategy against TRL's same one (2.0 and 1.2 are the FLOP ratios of the precompute pair, 2.06
+# and 1.21; dpolab's live reference against TRL's precomputed one is printed too, not a target)
+SPEED_TARGETS = {"long-prompt": [(DPOLAB, TRL, 2.7), (DPOLAB_PRE, TRL_PRE, 2.0)],
+                 "long-answer": [(DPOLAB, TRL, 1.3), (DPOLAB_PRE, TRL_PRE, 1.2)]}
 MEMORY_TARGET = {"long-prompt": 0.5}
 
 
@@ -120,19 +131,31 @@ def run_all(shapes: list[str], groups: list[str], repeats: int, pairs: int, thre
         print("skipping --bf16: this CPU has no native bfloat16 arithmetic, and its bf16 matmuls run 40-300x "
               "slower than fp32 (docs/performance.md)")
         groups = [g for g in groups if g != "bf16"]
-    configs = [c for g in groups for c in CONFIGS[g]]
+    if "allocator" in groups and not TCMALLOC:
+        print("skipping the allocator rows: no tcmalloc on this machine (apt install libtcmalloc-minimal4)")
+        groups = [g for g in groups if g != "allocator"]
+    configs = list({c[0]: c for g in groups for c in CONFIGS[g]}.values())  # a row in two groups runs once
     runs = []
     for r in range(repeats):
         for shape in shapes:
             for label, framework, options in configs if r % 2 == 0 else configs[::-1]:
-                spec = dict(label=label, framework=framework, options=options, dataset=datasets[shape],
-                            threads=threads)
+                env = {"LD_PRELOAD": TCMALLOC} if options.get("env") == "tcmalloc" else {}
+                spec = dict(label=label, framework=framework, dataset=datasets[shape], threads=threads, env=env,
+                            options={k: v for k, v in options.items() if k != "env"})
                 result = H.run(spec, H.RESULTS / "logs") | {"options": options, "repeat": r}
                 runs.append(result)
                 print(f"  [{load_average()}] {shape:11} {label:34} {result['wall_s']:7.1f} s "
                       f"{result['pairs_per_s']:6.3f} pairs/s {result['peak_rss_mb']:7.0f} MB "
                       f"(others {result['others_cores']:.2f} cores)", flush=True)
     return {"datasets": datasets, "runs": runs}
+
+
+def twin(rows: dict, row: dict) -> dict:
+    """The dpolab row whose losses ``row``'s should equal: dpolab's LoRA row for a LoRA row, else its fp32 defaults
+    (the row itself when there is none: Δloss 0)."""
+    if row["options"].get("lora_r"):
+        return next((r for r in rows.values() if r["framework"] == "dpolab" and r["options"].get("lora_r")), row)
+    return rows.get(DPOLAB, row)
 
 
 def report(saved: dict) -> list[str]:
@@ -150,7 +173,7 @@ def report(saved: dict) -> list[str]:
         for label, row in rows.items():
             full = not any(row["options"].get(k) for k in ("lora_r", "bf16"))  # the count is full fp32 training's
             m = f"{flops.mfu(row, counts, peak)['mfu']:.1%}" if row["framework"] == "dpolab" and full else "—"
-            base = rows.get(DPOLAB, row)["losses"]  # every step's loss against dpolab's fp32 defaults
+            base = twin(rows, row)["losses"]
             delta = max(abs(a - b) for a, b in zip(row["losses"], base))
             print(f"{label:34} {row['wall_s']:8.1f} {row['pairs_per_s']:8.3f} {row['pairs_per_s'] * per_pair:9.0f} "
                   f"{row['peak_rss_mb']:8.0f} {row['losses'][0]:12.7f} {delta:11.1e} {m:>6}  {row['n']}")
@@ -162,9 +185,9 @@ def report(saved: dict) -> list[str]:
                 verdict = "met" if value >= need else "MISSED"
                 print(f"target {ours} ≥ {need}× {theirs} in pairs/s: {verdict} ({value:.2f}×)")
                 missed += [] if value >= need else [f"{shape}: {ours} vs {theirs}"]
-        if DPOLAB_PRE in rows and TRL_PRE in rows:  # the same reference strategy on both sides
-            like = rows[DPOLAB_PRE]["pairs_per_s"] / rows[TRL_PRE]["pairs_per_s"]
-            print(f"like for like: {DPOLAB_PRE} is {like:.2f}× {TRL_PRE} in pairs/s")
+        if DPOLAB in rows and TRL_PRE in rows:  # a live reference against none: more work on dpolab's side
+            cross = rows[DPOLAB]["pairs_per_s"] / rows[TRL_PRE]["pairs_per_s"]
+            print(f"across strategies: {DPOLAB} is {cross:.2f}× {TRL_PRE} in pairs/s")
         if shape in MEMORY_TARGET and DPOLAB in rows and TRL in rows:
             value = rows[DPOLAB]["peak_rss_mb"] / rows[TRL]["peak_rss_mb"]
             verdict = "met" if value <= MEMORY_TARGET[shape] else "MISSED"
