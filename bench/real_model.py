@@ -24,7 +24,6 @@ steady rate after the first two steps.
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import os
 import random
 import statistics
@@ -59,8 +58,6 @@ CONFIGS = {
                   ("dpolab --lora-r 16, tcmalloc", "dpolab", {"lora_r": 16, "lora_alpha": 32, "env": "tcmalloc"}),
                   (TRL, "trl", {}), ("TRL (defaults), tcmalloc", "trl", {"env": "tcmalloc"})],
 }
-# the allocator rows preload it (Debian/Ubuntu: apt install libtcmalloc-minimal4); None skips them
-TCMALLOC = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 # (what, ours, theirs, the target ratio of pairs/s by shape) from issue 19: configuration against configuration,
 # each reference strategy against TRL's same one (2.0 and 1.2 are the FLOP ratios of the precompute pair, 2.06
 # and 1.21; dpolab's live reference against TRL's precomputed one is printed too, not a target)
@@ -121,7 +118,7 @@ def token_counts(ds: dict) -> dict:
 
 
 def run_all(shapes: list[str], groups: list[str], repeats: int, pairs: int, threads: int) -> dict:
-    from dpolab.builder import cpu_lacks_bf16
+    from dpolab.builder import cpu_lacks_bf16, find_tcmalloc
 
     datasets = {s: prepare(s, pairs) for s in shapes}
     for ds in datasets.values():
@@ -131,7 +128,8 @@ def run_all(shapes: list[str], groups: list[str], repeats: int, pairs: int, thre
         print("skipping --bf16: this CPU has no native bfloat16 arithmetic, and its bf16 matmuls run 40-300x "
               "slower than fp32 (docs/performance.md)")
         groups = [g for g in groups if g != "bf16"]
-    if "allocator" in groups and not TCMALLOC:
+    tcmalloc = find_tcmalloc()  # the allocator rows preload it; without it they are skipped
+    if "allocator" in groups and not tcmalloc:
         print("skipping the allocator rows: no tcmalloc on this machine (apt install libtcmalloc-minimal4)")
         groups = [g for g in groups if g != "allocator"]
     configs = list({c[0]: c for g in groups for c in CONFIGS[g]}.values())  # a row in two groups runs once
@@ -139,7 +137,7 @@ def run_all(shapes: list[str], groups: list[str], repeats: int, pairs: int, thre
     for r in range(repeats):
         for shape in shapes:
             for label, framework, options in configs if r % 2 == 0 else configs[::-1]:
-                env = {"LD_PRELOAD": TCMALLOC} if options.get("env") == "tcmalloc" else {}
+                env = {"LD_PRELOAD": tcmalloc} if options.get("env") == "tcmalloc" else {}
                 spec = dict(label=label, framework=framework, dataset=datasets[shape], threads=threads, env=env,
                             options={k: v for k, v in options.items() if k != "env"})
                 result = H.run(spec, H.RESULTS / "logs") | {"options": options, "repeat": r}
